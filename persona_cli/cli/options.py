@@ -69,11 +69,15 @@ QuestionsFile = Annotated[
 Seed = Annotated[int, typer.Option("--seed", help="Seed for every random choice and sampler.")]
 
 
+def say_already_done(path: Path) -> None:
+    err_console.print(
+        f"{path}: already finished (DONE present); nothing to do. Pass --force to redo.",
+        highlight=False,
+    )
+
+
 def report_done(run: RunDir) -> bool:
     """True (after saying so) when the run already finished and there is nothing to do."""
     if run.done:
-        err_console.print(
-            f"{run.path}: already finished (DONE present); nothing to do. Pass --force to redo.",
-            highlight=False,
-        )
+        say_already_done(run.path)
     return run.done
