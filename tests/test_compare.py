@@ -250,3 +250,42 @@ def test_stats_writes_a_run_and_is_a_noop_when_done(tmp_path: Path) -> None:
     assert (out / "DONE").is_file()
     r = _invoke(*args)
     assert r.exit_code == 0 and "already finished" in r.stderr
+
+
+def test_report_from_compare_and_stats_runs(tmp_path: Path) -> None:
+    for name, vals in VALUES.items():
+        for seed, v in zip((1, 2, 3, 4), vals, strict=True):
+            _eval_run(tmp_path / f"{name}_s{seed}", seed, v)
+    args = [a for name in VALUES for a in ("-c", f"{name}={tmp_path}/{name}_s*")]
+    cmp_dir, st_dir, rep = tmp_path / "cmp", tmp_path / "st", tmp_path / "rep"
+    assert (
+        _invoke(
+            "compare",
+            *args,
+            "--metric",
+            "source.rate",
+            "--reference",
+            "base",
+            "--out",
+            str(cmp_dir),
+        ).exit_code
+        == 0
+    )
+    assert _invoke("stats", *args, "--metric", "source.rate", "--out", str(st_dir)).exit_code == 0
+    r = _invoke("report", str(cmp_dir), str(st_dir), "--out", str(rep), "--title", "EM vs base")
+    assert r.exit_code == 0, r.output
+    md = (rep / "report.md").read_text()
+    assert md.startswith("# EM vs base")
+    assert "| em | 0.3425 ± " in md and "Cohen's d = (mean(condition)" in md
+    pngs = sorted(p.name for p in rep.glob("*.png"))
+    assert pngs == [
+        "cmp_source_rate_bars.png",
+        "cmp_source_rate_paired.png",
+        "st_source_rate_bars.png",
+    ]
+    for p in rep.glob("*.png"):
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 5000
+        assert f"]({p.name})" in md
+    bad = _invoke("report", str(tmp_path / "base_s1"), "--out", str(tmp_path / "rep2"))
+    assert bad.exit_code == 2 and "holds neither compare.json nor stats.json" in bad.stderr
+    assert not (tmp_path / "rep2").exists()

@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from persona_cli import compare as compare_lib
+from persona_cli import report as report_lib
 from persona_cli.artifacts import write_bytes_atomic, write_json
 from persona_cli.cli.console import console, err_console
 from persona_cli.cli.options import Force, OutDir, say_already_done
@@ -176,3 +177,31 @@ def compare(
     run.finish(
         inputs={f"{n}:{p}": Path(p) / "summary.json" for n, ps in conditions.items() for p in ps}
     )
+
+
+def report(
+    runs: Annotated[
+        list[Path], typer.Argument(help="stats or compare run directories.", show_default=False)
+    ],
+    out: OutDir,
+    title: Annotated[str, typer.Option(help="Report heading.")] = "persona-cli report",
+    force: Force = False,
+) -> None:
+    """Markdown report with PNG figures from stats/compare runs.
+
+    Bar charts of each condition's mean with 95% CI error bars and per-seed dots, pre/post plots
+    paired by seed against the reference, and the numbers as tables. Writes report.md and PNGs.
+    """
+    if _finished(out, force):
+        return
+    for r in runs:
+        report_lib.load_source(r)  # every input checked before --out is created
+    run = open_run(
+        out, command="report", config={"runs": [str(r) for r in runs], "title": title}, force=force
+    )
+    text, figures = report_lib.build(runs, run.path, title)
+    write_bytes_atomic(run.file("report.md"), text.encode())
+    console.print(f"report: {run.file('report.md')}", highlight=False)
+    for fig in figures:
+        console.print(f"figure: {fig}", highlight=False)
+    run.finish(inputs={f"{r}": r / report_lib.load_source(r)[0] for r in runs})
