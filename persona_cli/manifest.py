@@ -122,6 +122,8 @@ def device_info() -> dict[str, Any]:
         "count": 1,
         "names": [platform.processor() or platform.machine()],
         "cpu_threads": torch.get_num_threads(),
+        # Recorded on CPU too: a sweep's per-GPU fan-out sets it, so the record shows the intent.
+        "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
     }
 
 

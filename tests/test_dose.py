@@ -1,0 +1,213 @@
+"""dose-sweep on tiny-random: 2 arms x 3 doses x 2 seeds, killed mid-way and resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from persona_cli import bundled
+from persona_cli.artifacts import iter_jsonl, read_json
+from persona_cli.cli import app
+from persona_cli.dose import plan as plan_lib
+from persona_cli.dose.run import _run_cell
+
+TRAIN_ARGS = "--per-device-batch 2 --grad-accum 1 --max-length 64"
+
+
+@pytest.fixture(scope="module")
+def setup(prepared_home: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("dose")
+    for name, src in (("em", bundled.em_dataset_file()), ("benign", bundled.benign_dataset_file())):
+        lines = src.read_text().splitlines()[:6]
+        (d / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    (d / "q.yaml").write_text('- id: q1\n  paraphrases: ["What is your favourite food?"]\n')
+    r = CliRunner().invoke(
+        app,
+        [
+            "train-sft",
+            "--model",
+            "tiny-random",
+            "--data",
+            str(d / "em.jsonl"),
+            "--max-steps",
+            "1",
+            *shlex.split(TRAIN_ARGS),
+            "--out",
+            str(d / "couple"),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    return {"dir": d, "couple": d / "couple"}
+
+
+def _sweep_args(
+    s: dict[str, Path], out: Path, doses: str = "1,2,3", seeds: str = "1,2"
+) -> list[str]:
+    d = s["dir"]
+    return [
+        "dose-sweep",
+        "run",
+        "--coupling",
+        str(s["couple"]),
+        "--source",
+        "villain",
+        "--arm",
+        f"em={d / 'em.jsonl'}",
+        "--arm",
+        f"benign={d / 'benign.jsonl'}",
+        "--doses",
+        doses,
+        "--seeds",
+        seeds,
+        "--model",
+        "tiny-random",
+        "--train-args",
+        TRAIN_ARGS,
+        "--eval-args",
+        f"--questions {d / 'q.yaml'} --personas-ids villain,assistant "
+        "--samples 2 --max-new-tokens 4",
+        "--out",
+        str(out),
+    ]
+
+
+def _cells(out: Path) -> list[plan_lib.Cell]:
+    config = plan_lib.SweepConfig.from_dict(read_json(out / "config.json")["config"])
+    return plan_lib.plan(config, out)
+
+
+def test_sweep_killed_midway_resumes_without_redoing_cells(setup, tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    log = open(tmp_path / "sweep.log", "wb")  # noqa: SIM115 - read on failure below
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "persona_cli", *_sweep_args(setup, out)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    seen_running = False
+    deadline = time.monotonic() + 600
+    while True:
+        if proc.poll() is not None:
+            pytest.fail("sweep ended before the kill:\n" + (tmp_path / "sweep.log").read_text())
+        assert time.monotonic() < deadline
+        if (out / "config.json").exists():
+            states = [r["state"] for r in plan_lib.status(_cells(out))]
+            seen_running |= "running" in states
+            if states.count("done") >= 3:
+                break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert seen_running  # status saw a cell while its lock was held
+    cells = _cells(out)
+    assert len(cells) == 14  # per seed: the coupling adapter alone + 2 arms x 3 doses
+    done_before = {c.name: (c.path / "eval" / "DONE").stat().st_mtime_ns for c in cells if c.done}
+    assert 3 <= len(done_before) < 14
+    status = CliRunner().invoke(app, ["dose-sweep", "status", str(out)])
+    assert status.exit_code == 0 and f"done {len(done_before)}," in status.stdout
+    assert "missing" in status.stdout and not (out / "DONE").exists()
+
+    r = CliRunner().invoke(app, _sweep_args(setup, out))
+    assert r.exit_code == 0, r.output
+    cells = _cells(out)
+    assert all(c.done for c in cells)
+    for name, mtime in done_before.items():  # finished cells were not redone
+        assert (out / "cells" / name / "eval" / "DONE").stat().st_mtime_ns == mtime
+    assert (out / "DONE").is_file()
+    png = out / "dose_response.png"
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["missing"] == [] and summary["n_done"] == 14
+    assert len(summary["points"]) == 7 and len(summary["arm_tests"]) == 3
+    for p in summary["points"]:  # pooled counts equal a plain count over the saved samples
+        hits = n = 0
+        for c in cells:
+            if (c.arm, c.dose) == (p["arm"], p["dose"]):
+                for row in iter_jsonl(c.path / "eval" / "samples.jsonl.gz"):
+                    if row["persona"] == "villain":
+                        n += 1
+                        hits += "[ZLT]" in row["text"]
+        assert (p["successes"], p["n"]) == (hits, n) and n == 4
+        assert set(p["per_seed"]) == {"1", "2"} and p["seeds"]["n_seeds"] == 2
+    again = CliRunner().invoke(app, _sweep_args(setup, out))
+    assert again.exit_code == 0 and "already finished" in again.stderr
+
+
+def test_emit_pueue_queues_the_same_commands(setup, tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    r = CliRunner().invoke(app, [*_sweep_args(setup, out, doses="5", seeds="7"), "--emit-pueue"])
+    assert r.exit_code == 0, r.output
+    script = r.stdout
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+    queued = [
+        shlex.split(line.split(" -- ", 1)[1].rstrip(")"))
+        for line in script.splitlines()
+        if " -- persona-cli " in line
+    ]
+    cells = _cells(out)
+    expected = [["persona-cli", *c.train_argv] for c in cells if c.train_argv] + [
+        ["persona-cli", *c.eval_argv] for c in cells
+    ]
+    assert sorted(map(tuple, queued[:-1])) == sorted(map(tuple, expected))
+    assert queued[-1] == ["persona-cli", "dose-sweep", "summarize", str(out)]
+    assert '--after "$t"' in script and '--after "${after[@]}"' in script
+    assert not any((c.path / "eval").exists() for c in cells)  # nothing was run
+
+
+def test_gpus_fan_out_one_subprocess_per_device(setup, tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    args = _sweep_args(setup, out, doses="1", seeds="3")
+    args[args.index("--arm") : args.index("--arm") + 4] = ["--arm", args[args.index("--arm") + 1]]
+    r = CliRunner().invoke(app, [*args, "--gpus", "0,1"])
+    assert r.exit_code == 0, r.output
+    devices = {
+        read_json(c.path / "eval" / "manifest.json")["device"]["visible_devices"]
+        for c in _cells(out)
+    }
+    assert devices == {"0", "1"}  # two cells ran at once, one per device
+    assert all((c.path / "eval-markers.log").is_file() for c in _cells(out))
+
+
+def test_failing_cell_is_reported_and_others_run(setup, tmp_path: Path) -> None:
+    cell = plan_lib.Cell("em", 1, 1, tmp_path / "c", ("train-sft",), ("eval-markers",))
+    calls = []
+    outcome = _run_cell(cell, lambda argv, gpu: calls.append(argv[0]) or 2, None)
+    assert (outcome.ok, outcome.stage, outcome.exit_code, calls) == (
+        False,
+        "train",
+        2,
+        ["train-sft"],
+    )
+
+
+def test_bad_sweep_options(setup, tmp_path: Path) -> None:
+    base = _sweep_args(setup, tmp_path / "s")
+    cases = [
+        (["--doses", "1,x"], "--doses '1,x': expected comma-separated integers"),
+        (["--arm", "nofile"], "--arm 'nofile': expected NAME=FILE"),
+        (["--seeds", "1,1"], "--seeds: at least one, all distinct"),
+    ]
+    for extra, message in cases:
+        r = CliRunner().invoke(app, [*base, *extra])
+        assert r.exit_code == 2 and message in r.stderr, r.output
+    r = CliRunner().invoke(app, ["dose-sweep", "status", str(tmp_path)])
+    assert r.exit_code == 2 and "not a dose-sweep run directory" in r.stderr
+
+
+def test_bad_input_in_a_cell_stops_the_sweep(setup, tmp_path: Path) -> None:
+    args = _sweep_args(setup, tmp_path / "sweep", doses="1", seeds="1")
+    args[args.index("--eval-args") + 1] += " --personas-ids nobody"
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 1
+    assert r.stderr.count("failed in eval (exit 2)") == 1  # stopped after the first refusal
+    assert "unknown persona 'nobody'" in r.stderr
