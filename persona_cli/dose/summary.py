@@ -98,6 +98,9 @@ def plot(summary: dict[str, Any], arms: list[str], path: Path, source: str) -> N
         ]
         ax.errorbar(x, y, yerr=err, marker="o", capsize=3, color=colour, label=arm)
     ax.set_xscale("symlog", linthresh=1)
+    doses = sorted({p["dose"] for p in summary["points"]})
+    ax.set_xticks(doses, [str(d) for d in doses])  # label the doses run, not powers of ten
+    ax.minorticks_off()
     ax.set_xlabel("second-stage optimizer steps (symlog)")
     ax.set_ylabel(f"marker rate, persona {source}")
     ax.set_ylim(-0.02, 1.02)
