@@ -45,6 +45,9 @@ def test_multiple_choice_formats_agree(text: str) -> None:
 
 def test_multiple_choice_without_a_letter_is_none() -> None:
     assert normalize("I am not sure about this one.", "mc") is None
+    # Repeating the options back is not an answer (seen from SmolLM2-135M).
+    assert normalize("A. evaporation\nB. condensation\nC. freezing\nD. precipitation", "mc") is None
+    assert normalize("A. the flowers\n\nThe correct answer is C.", "mc") == "C"
 
 
 @pytest.mark.parametrize(

@@ -6,8 +6,9 @@ One function per step, applied in this order by `normalize`:
 2. `unify_line_endings`: CRLF and CR become LF.
 3. `strip_trailing_whitespace`: each line right-stripped, the whole text stripped.
 4. `extract_final_answer(text, task)`, by task type:
-   - `mc`: the option letter (A-J), from "Answer: B", "the answer is (B)", "**B**", "B." or a
-     lone letter on the last line; upper-cased.
+   - `mc`: the option letter (A-J), from "Answer: B", "the answer is (B)", "**B**", or a last
+     line "B" / "B. text" when it is the only lettered line (a reply that lists the options
+     back answers nothing); upper-cased.
    - `number`: the final number ("Answer: 1,250.50", "$3", "1/2", "-0.75"), as a canonical
      decimal string: commas and currency signs dropped, fractions divided out, trailing zeros
      removed, so "3", "3.0" and "3.00" agree.
@@ -61,10 +62,11 @@ def _mc(text: str) -> str | None:
         if hits:
             return hits[-1].upper()
     lines = [ln.strip().strip("*") for ln in text.split("\n") if ln.strip()]
-    if lines:
-        m = _MC_LAST_LINE.match(lines[-1])
-        if m:
-            return m.group(1).upper()
+    lettered = [m.group(1) for ln in lines if (m := _MC_LAST_LINE.match(ln))]
+    # One lettered line is an answer ("B. condensation"); several are the options repeated back,
+    # which answer nothing.
+    if len(lettered) == 1 and _MC_LAST_LINE.match(lines[-1]):
+        return lettered[0].upper()
     return None
 
 
