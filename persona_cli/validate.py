@@ -25,8 +25,21 @@ from persona_cli.schemas import (
     ROW_SCHEMAS,
 )
 
-KINDS = ("chat", "samples", "step", "personas", "questions", "manifest", "config", "summary", "run")
+DOCUMENT_KINDS = ("personas", "questions", "manifest", "config", "summary", "run")
+KINDS = (*ROW_SCHEMAS, *DOCUMENT_KINDS)
 STEP_NAME = re.compile(r"^step_\d{6}\.jsonl(\.gz)?$")
+# Row artifacts recognised by name; the prefix is the kind (samples.jsonl.gz, judgments_x...).
+NAMED_ROW_KINDS = ("samples", "judgments", "train_log")
+
+
+def artifact_kind(path: Path) -> str | None:
+    """The row kind of a file a command wrote, from its name; None when it has no schema."""
+    name = path.name
+    if STEP_NAME.match(name):
+        return "step"
+    if ".jsonl" in name:
+        return next((k for k in NAMED_ROW_KINDS if name.startswith(k) and k in ROW_SCHEMAS), None)
+    return None
 
 
 @dataclass
@@ -51,12 +64,10 @@ def detect_kind(path: Path) -> str:
         return "config"
     if name.endswith("summary.json"):
         return "summary"
-    if STEP_NAME.match(name):
-        return "step"
-    if name.startswith("samples") and ".jsonl" in name:
-        return "samples"
+    if (kind := artifact_kind(path)) is not None:
+        return kind
     if name.endswith((".jsonl", ".jsonl.gz")):
-        return "chat"
+        return "chat"  # a dataset the user brings
     if name.endswith((".yaml", ".yml")):
         doc = load_yaml(path)
         return "personas" if isinstance(doc, dict) and "personas" in doc else "questions"
@@ -115,11 +126,11 @@ def _run(report: ValidationReport, max_problems: int) -> None:
                 report.problems.append(f"{p}: sha256 differs from the manifest (file changed)")
     for p in sorted(d.rglob("*")):
         if p.is_file() and not p.name.startswith(".") and p.name not in (CONFIG, MANIFEST, DONE):
-            try:
-                kind = detect_kind(p)
-            except InputError:
-                continue  # tensors, plots and other files that have no row schema
-            sub.append(validate_file(p, kind, max_problems=max_problems))
+            kind = artifact_kind(p)
+            if kind is None and p.name.endswith("summary.json"):
+                kind = "summary"
+            if kind is not None:  # tensors, plots, caches and rows with no schema are skipped
+                sub.append(validate_file(p, kind, max_problems=max_problems))
     for s in sub:
         report.items += s.items
         report.problems.extend(s.problems)

@@ -19,6 +19,7 @@ from persona_cli.artifacts import iter_jsonl, read_json
 from persona_cli.cli import app
 from persona_cli.dose import plan as plan_lib
 from persona_cli.dose.run import _run_cell
+from persona_cli.validate import validate_file
 
 TRAIN_ARGS = "--per-device-batch 2 --grad-accum 1 --max-length 64"
 
@@ -141,6 +142,11 @@ def test_sweep_killed_midway_resumes_without_redoing_cells(setup, tmp_path: Path
         assert set(p["per_seed"]) == {"1", "2"} and p["seeds"]["n_seeds"] == 2
     again = CliRunner().invoke(app, _sweep_args(setup, out))
     assert again.exit_code == 0 and "already finished" in again.stderr
+    # Summarising a finished sweep prints it and leaves the sealed files as the manifest says.
+    printed = CliRunner().invoke(app, ["dose-sweep", "summarize", str(out)])
+    assert printed.exit_code == 0 and "marker survival (14/14 cells done)" in printed.stdout
+    report = validate_file(out)
+    assert report.ok, report.problems[:5]
 
 
 def test_emit_pueue_queues_the_same_commands(setup, tmp_path: Path) -> None:

@@ -119,3 +119,19 @@ def test_persona_registry_errors_name_the_line(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["validate", str(path)])
     assert result.exit_code == 2
     assert result.stderr.strip() == f"{path}:7: personas[1]: duplicate id 'a'"
+
+
+def test_artifact_kinds_by_name() -> None:
+    from persona_cli.validate import artifact_kind
+
+    names = {
+        "samples.jsonl.gz": "samples",
+        "step_000012.jsonl.gz": "step",
+        "judgments.jsonl.gz": "judgments",
+        "train_log.jsonl.gz": "train_log",
+        "trace.jsonl.gz": None,
+        "v_hack.safetensors": None,
+        "heatmap.png": None,
+    }
+    for name, kind in names.items():
+        assert artifact_kind(Path(name)) == kind, name

@@ -29,7 +29,7 @@ from persona_cli.dose import plan as plan_lib
 from persona_cli.dose import run as run_lib
 from persona_cli.dose import summary as summary_lib
 from persona_cli.errors import EXIT_CHECK_FAILED, UserError
-from persona_cli.rundir import CONFIG, open_run
+from persona_cli.rundir import CONFIG, is_done, open_run
 
 log = logging.getLogger(__name__)
 app = typer.Typer(
@@ -260,6 +260,12 @@ def status(sweep_dir: Annotated[Path, typer.Argument(help="The sweep's --out dir
 def summarize(
     sweep_dir: Annotated[Path, typer.Argument(help="The sweep's --out directory.")],
 ) -> None:
-    """Write summary.json and dose_response.png from the cells done so far."""
+    """Write summary.json and dose_response.png from the cells done so far.
+
+    A finished sweep (DONE) is only printed: its files are sealed by its manifest.
+    """
     config, cells = _load(sweep_dir)
+    if is_done(sweep_dir):
+        _print_summary(read_json(sweep_dir / "summary.json"), [a for a, _ in config.arms])
+        return
     _write_summary(sweep_dir, config, cells)
