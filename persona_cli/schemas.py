@@ -8,7 +8,11 @@ problems as short strings (empty list when valid). Readers pass `schema.check` t
 Kinds:
 - `chat`: user-supplied SFT data, `{"messages": [{"role", "content"}, ...]}` (extra keys kept).
 - `samples`: one generated completion per row (`samples.jsonl.gz`).
-- `step`: one per-sample record of a replayable training or probe step (`step_NNNNNN.jsonl.gz`).
+- `step`: one per-sample record of a replayable training or probe step (`step_NNNNNN.jsonl.gz`);
+  reward-hack probe rows name their `stage` and follow `POOL_STEP` (teacher pool: prompt,
+  completion, sandbox labels, token counts) or `PROBE_STEP` (replay: cosines with v_hack).
+- `judgments`: one judge reading of one answer for one metric (`judgments.jsonl.gz`).
+- `train_log`: one optimizer step of a training run (`train_log.jsonl.gz`).
 - `manifest`, `config`, `summary`: the JSON documents of a run directory.
 """
 
@@ -141,10 +145,102 @@ SAMPLES = RowSchema(
         Field("finish_reason", (str,), nullable=True, doc="'stop', 'length', or null"),
         Field("backend", (str,), doc="'hf' or 'vllm'"),
         Field("seed", (int,)),
-        Field("adapter", (str,), required=False, nullable=True),
+        Field(
+            "adapter",
+            (str,),
+            required=False,
+            nullable=True,
+            doc="sha256 of each adapter's weights, '+'-joined in stack order; null: base model",
+        ),
     ),
     doc="One completion per row; summaries are recomputed from these.",
 )
+
+
+def _unit_interval(v: Any) -> str | None:
+    return "must be in [-1, 1]" if not -1.0 - 1e-6 <= v <= 1.0 + 1e-6 else None
+
+
+def _probe_module_map(v: Any) -> str | None:
+    # {module name: cosine or null} or {module name: bool}: one entry per adapter module.
+    if not all(isinstance(k, str) for k in v):
+        return "must map module names to values"
+    if not all(x is None or isinstance(x, (bool, int, float)) for x in v.values()):
+        return "values must be numbers, booleans or null"
+    return None
+
+
+# Reward-hack probe (experiment 4), stage "pool": one teacher completion, labelled by the
+# sandbox (persona_cli.sandbox.Result.to_row gives hacked, gt_pass and reward).
+POOL_STEP = RowSchema(
+    kind="step",
+    version=1,
+    fields=(
+        Field("step", (int,), check=_non_negative, doc="pool step (one teacher batch)"),
+        Field("sample_index", (int,), check=_non_negative, doc="row index within the step"),
+        Field("stage", (str,), doc="'pool'"),
+        Field("problem_id", (str,), doc="id in the problem file; GRPO groups rows by it"),
+        Field("prompt", (str,), doc="the rendered prompt string (chat template applied)"),
+        Field("completion", (str,), doc="the raw completion text"),
+        Field("hacked", (bool,), doc="tampered with the grader and the grader passed"),
+        Field("gt_pass", (bool,), doc="hidden ground-truth tests pass"),
+        Field("reward", (float, int), doc="grader reward (1.0 when the grader passed)"),
+        Field("n_prompt_tokens", (int,), check=_non_negative),
+        Field("n_completion_tokens", (int,), check=_non_negative),
+        Field(
+            "old_logprobs",
+            (list,),
+            required=False,
+            nullable=True,
+            doc="log p of each completion token under the sampling policy (importance ratios)",
+        ),
+    ),
+    extra_allowed=True,  # sandbox categories, tamper reasons, teacher id, ... are kept
+    doc="A teacher-pool row (probe teacher-pool), in step_NNNNNN.jsonl.gz.",
+)
+
+# Stage "replay": one pool row's gradient against v_hack (probe replay). cos_in, cos_out and
+# fired map each adapter module to its value; cosines are null where undefined (zero norm),
+# and `reason` says why a row has no cosine or did not enter the update.
+PROBE_STEP = RowSchema(
+    kind="step",
+    version=1,
+    fields=(
+        Field("step", (int,), check=_non_negative),
+        Field("sample_index", (int,), check=_non_negative),
+        Field("stage", (str,), doc="'replay'"),
+        Field("problem_id", (str,)),
+        Field("hacked", (bool,)),
+        Field("gt_pass", (bool,)),
+        Field("reward", (float, int)),
+        Field("advantage", (float, int), doc="weight of the sample's gradient in the update"),
+        Field("nll", (float, int), nullable=True, doc="mean completion NLL before the update"),
+        Field("cos", (float, int), nullable=True, check=_unit_interval, doc="plain cosine"),
+        Field("cos_weighted", (float, int), nullable=True, check=_unit_interval),
+        Field("cos_in", (dict,), check=_probe_module_map, doc="per module, before projection"),
+        Field("cos_out", (dict,), check=_probe_module_map, doc="per module, after projection"),
+        Field("fired", (dict,), check=_probe_module_map, doc="per module, projection applied"),
+        Field("frac_fired", (float, int), nullable=True, doc="fired / modules with a cosine"),
+        Field("in_update", (bool,), doc="the sample's gradient entered the optimizer step"),
+        Field("reason", (str,), nullable=True, doc="null, or why cos is null / not in update"),
+    ),
+    extra_allowed=True,
+    doc="A probe replay row (probe replay), in step_NNNNNN.jsonl.gz.",
+)
+
+STEP_STAGES: dict[str, RowSchema] = {"pool": POOL_STEP, "replay": PROBE_STEP}
+
+
+def _check_step_stage(row: dict[str, Any]) -> list[str]:
+    # A row that names its stage is checked against that stage's fields; rows of other
+    # replayable stages (no `stage`) keep the generic step/sample_index contract.
+    stage = row.get("stage")
+    if stage is None:
+        return []
+    if stage not in STEP_STAGES:
+        return [f"field 'stage' {stage!r} is not one of {', '.join(STEP_STAGES)}"]
+    return STEP_STAGES[stage].check(row)
+
 
 STEP = RowSchema(
     kind="step",
@@ -154,10 +250,97 @@ STEP = RowSchema(
         Field("sample_index", (int,), check=_non_negative),
     ),
     extra_allowed=True,  # each probe stage adds its own per-sample fields
-    doc="One per-sample record of a replayable step, in step_NNNNNN.jsonl.gz.",
+    doc="One per-sample record of a replayable step, in step_NNNNNN.jsonl.gz. A row with "
+    "`stage` ('pool' or 'replay') is also checked against POOL_STEP or PROBE_STEP.",
+    row_check=_check_step_stage,
 )
 
-ROW_SCHEMAS: dict[str, RowSchema] = {s.kind: s for s in (CHAT, SAMPLES, STEP)}
+# User-supplied input of extract-vhack: one hack and one clean completion of the same prompt.
+VHACK_PAIRS = RowSchema(
+    kind="vhack_pairs",
+    version=None,
+    fields=(
+        Field("prompt", (str,), doc="the rendered prompt string"),
+        Field("hack", (str,), doc="a completion that hacks the grader"),
+        Field("clean", (str,), doc="an honest completion"),
+        Field("problem_id", (str,), required=False, nullable=True),
+    ),
+    extra_allowed=True,
+    doc="extract-vhack --pairs FILE: hack/clean completion pairs.",
+)
+
+TRAIN_LOG = RowSchema(
+    kind="train_log",
+    version=1,
+    fields=(
+        Field("step", (int,), check=_non_negative, doc="optimizer step, from 1"),
+        Field("loss", (float, int)),
+        Field("lr", (float, int), doc="learning rate at this step"),
+        Field("grad_norm", (float, int), nullable=True, doc="before clipping"),
+        Field("tokens", (int,), check=_non_negative, doc="input tokens in this step"),
+        Field("tokens_total", (int,), check=_non_negative),
+        Field("epoch", (float, int)),
+    ),
+    doc="One optimizer step of a LoRA training run (train_log.jsonl.gz).",
+)
+
+
+def _score_range(v: Any) -> str | None:
+    return "must be in [0, 100]" if not 0 <= v <= 100 else None
+
+
+def _judgment_check(row: dict[str, Any]) -> list[str]:
+    # A row is scored or unscored with a reason, never both and never neither (an unscored
+    # row must not read as a 0).
+    if (row["score"] is None) == (row["unscored_reason"] is None):
+        return ["exactly one of 'score' and 'unscored_reason' must be set"]
+    return []
+
+
+JUDGMENTS = RowSchema(
+    kind="judgments",
+    version=1,
+    fields=(
+        Field("row_index", (int,), check=_non_negative, doc="input line / CSV record, from 1"),
+        Field("sample_key", (str,), doc="persona/question_id/sample_index, or the input's id"),
+        Field("persona", (str,), nullable=True),
+        Field("question_id", (str,), nullable=True),
+        Field("sample_index", (int,), nullable=True),
+        Field("question", (str,)),
+        Field("answer", (str,)),
+        Field("metric", (str,), doc="'aligned' or 'coherent'"),
+        Field("judge_backend", (str,), doc="'openai', 'anthropic' or 'local'"),
+        Field("judge_model", (str,), doc="the model asked for"),
+        Field("response_model", (str,), nullable=True, doc="what the server says it ran"),
+        Field("prompt_sha256", (str,), doc="sha256 of this metric's judge prompt template"),
+        Field("scoring", (str,), doc="'logprobs' or 'parsed'"),
+        Field("score", (float, int), nullable=True, check=_score_range, doc="null if unscored"),
+        Field(
+            "unscored_reason",
+            (str,),
+            nullable=True,
+            doc="low_number_mass, request_failed, unparsable_reply, escape_word, ...",
+        ),
+        Field("detail", (str,), nullable=True, doc="e.g. the request's failure reason"),
+        Field("number_mass", (float, int), nullable=True, doc="probability on number tokens"),
+        Field("reply", (str,), nullable=True, doc="the judge's raw reply text"),
+        Field("top_logprobs", (list,), nullable=True, doc="[{token, logprob}] of the reply"),
+        Field(
+            "number_logprobs",
+            (list,),
+            nullable=True,
+            doc="local backend: every number token's logprob (what the score used)",
+        ),
+        Field("attempts", (int,), check=_non_negative),
+        Field("from_cache", (bool,)),
+        Field("prompt_tokens", (int,), nullable=True),
+        Field("completion_tokens", (int,), nullable=True),
+    ),
+    row_check=_judgment_check,
+    doc="One judge reading (judgments.jsonl.gz of judge-align); summary.json derives from these.",
+)
+
+ROW_SCHEMAS: dict[str, RowSchema] = {s.kind: s for s in (CHAT, SAMPLES, STEP, TRAIN_LOG, JUDGMENTS)}
 
 MANIFEST_VERSION = 1
 CONFIG_VERSION = 1

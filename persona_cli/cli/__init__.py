@@ -19,11 +19,25 @@ from rich.logging import RichHandler
 from typer.core import TyperGroup
 
 from persona_cli import __version__
-from persona_cli.cli import doctor, models, validate
+from persona_cli.cli import (
+    capability,
+    doctor,
+    dose,
+    eval,
+    judge,
+    models,
+    stats,
+    trace,
+    train,
+    validate,
+)
+from persona_cli.cli import probe as probe_cli
 from persona_cli.cli.console import err_console
 from persona_cli.errors import UserError
 
 PANEL_SETUP = "Setup and checks"
+PANEL_STATS = "Statistics and reports"
+PANEL_MATRIX = "Coupling matrix and judging"
 
 
 class PersonaGroup(TyperGroup):
@@ -82,6 +96,19 @@ def root(
 app.command("doctor", rich_help_panel=PANEL_SETUP)(doctor.doctor)
 app.command("validate", rich_help_panel=PANEL_SETUP)(validate.validate)
 app.add_typer(models.app, name="models", rich_help_panel=PANEL_SETUP)
+app.command("eval-markers", rich_help_panel="Marker transfer and EM")(eval.eval_markers)
+app.command("stats", rich_help_panel=PANEL_STATS)(stats.stats)
+app.command("compare", rich_help_panel=PANEL_STATS)(stats.compare)
+app.command("report", rich_help_panel=PANEL_STATS)(stats.report)
+app.command("eval-capability", rich_help_panel=PANEL_MATRIX)(capability.eval_capability)
+app.command("judge-align", rich_help_panel=PANEL_MATRIX)(judge.judge_align_command)
+train.register(app, rich_help_panel="Marker transfer and EM")
+app.add_typer(dose.app, name="dose-sweep", rich_help_panel="Marker transfer and EM")
+app.add_typer(trace.app, name="replay-trace", rich_help_panel="Trace replay")
+
+app.command("extract-vhack", rich_help_panel="Reward-hack probe")(probe_cli.extract_vhack)
+app.add_typer(probe_cli.app, name="probe", rich_help_panel="Reward-hack probe")
+app.command("probe-uat", rich_help_panel="Reward-hack probe")(probe_cli.probe_uat)
 
 
 def main() -> None:

@@ -1,0 +1,257 @@
+"""The vLLM backend: the engine runs in a worker subprocess, LoRA adapters are served unmerged.
+
+vLLM starts its engine and workers with the `spawn` method, which re-imports the parent's main
+module; running it inside a Typer command or a pytest process is fragile. So the engine lives in
+`python -m persona_cli.generate.vllm_worker REQUEST.json EVENT_FD`: the request file says what
+to load and generate; the worker writes each group's completions atomically as
+`group_NNNNN.jsonl.gz` and reports progress and finished groups as JSON lines on a private pipe,
+while vLLM's own logs go to a log file (the tail is quoted if the worker fails).
+
+Groups let a caller persist work as it finishes (eval-markers writes one shard per persona)
+while the engine starts only once. Adapters: none, one (served as a LoRA through
+`LoRARequest`), or a stack (all but the last merged into a cached directory, see
+`persona_cli.generate.merged`; the last served as a LoRA). On a CPU the worker runs in fp32
+(several times faster than bf16 without AVX-512 bf16) with `VLLM_CPU_KVCACHE_SPACE` GiB of KV
+cache; on GPUs in bf16 with `gpu_memory_utilization` and `tensor_parallel_size`. Prefix caching
+is on (every persona's system prompt is shared by its questions).
+
+Seeding. On a GPU each prompt's request is seeded with `prompt_seed(seed, prompt)` (vLLM seeds
+its i-th sample with that seed + i), so a prompt's samples do not depend on the rest of the
+workload. On a CPU, vllm-cpu 0.32 crashes a seeded request whose prefill is chunked
+(`_bookkeeping_sync` rewinds the request's generator, and "CPU Generator does not use offset"),
+which any workload larger than one scheduler step triggers; there requests are not seeded
+individually and only the engine seed applies: a run is repeatable for the same workload and
+machine, but a prompt's samples change with the other prompts. `request_seeds()` says which.
+
+    python -c "from persona_cli.generate import generate_vllm; help(generate_vllm)"
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from persona_cli.adapters import Adapter
+from persona_cli.artifacts import read_json, read_jsonl, write_json
+from persona_cli.errors import UserError
+from persona_cli.generate.config import Completion, GenerationConfig, ProgressFn
+from persona_cli.generate.merged import merged_dir
+from persona_cli.models import ResolvedModel
+
+log = logging.getLogger(__name__)
+
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+KVCACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"
+LOG_TAIL_LINES = 15
+
+GroupFn = Callable[[int, list[Completion]], None]
+
+
+@dataclass(frozen=True)
+class VllmConfig:
+    """Engine options of the vllm backend."""
+
+    tensor_parallel_size: int = field(
+        default=1, metadata={"help": "GPUs one model is sharded over (GPU pods)."}
+    )
+    gpu_memory_utilization: float = field(
+        default=0.9, metadata={"help": "Fraction of GPU memory vLLM may take (GPU only)."}
+    )
+    cpu_kvcache_gib: int = field(
+        default=1,
+        metadata={"help": f"KV cache GiB on a CPU ({KVCACHE_ENV}; an exported value wins)."},
+    )
+    max_model_len: int | None = field(
+        default=None, metadata={"help": "Longest prompt + completion; None: the model's."}
+    )
+    dtype: str = field(
+        default="auto", metadata={"help": "'auto': float32 on CPU, bfloat16 on GPU; or a dtype."}
+    )
+    enforce_eager: bool = field(
+        default=False, metadata={"help": "Skip CUDA graphs / compilation (faster start)."}
+    )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def lora_rank(adapter: Adapter) -> int:
+    """The smallest max_lora_rank vLLM accepts that holds the adapter's largest rank."""
+    cfg = read_json(adapter.path / "adapter_config.json")
+    r = max([int(cfg["r"]), *(int(v) for v in (cfg.get("rank_pattern") or {}).values())])
+    for allowed in LORA_RANKS:
+        if allowed >= r:
+            return allowed
+    raise UserError(
+        f"--adapter {adapter.path}: LoRA rank {r} exceeds vLLM's maximum {LORA_RANKS[-1]}"
+    )
+
+
+def _on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def request_seeds() -> bool:
+    """Whether vLLM requests get per-prompt seeds here (see the module doc)."""
+    return _on_gpu()
+
+
+def build_request(
+    model: ResolvedModel,
+    groups: Sequence[Sequence[str]],
+    cfg: GenerationConfig,
+    adapters: Sequence[Adapter],
+    engine: VllmConfig,
+    out_dir: Path,
+) -> dict[str, Any]:
+    """The worker's request document (also what a user can inspect to reproduce a run)."""
+    stack = list(adapters)
+    base = str(merged_dir(model, stack[:-1])) if len(stack) > 1 else model.path
+    gpu = _on_gpu()
+    dtype = engine.dtype if engine.dtype != "auto" else ("bfloat16" if gpu else "float32")
+    return {
+        "model": base,
+        "revision": model.revision if model.kind == "hub" and base == model.path else None,
+        "dtype": dtype,
+        "lora": ({"path": str(stack[-1].path), "rank": lora_rank(stack[-1])} if stack else None),
+        "engine": engine.to_dict(),
+        "generation": cfg.to_dict(),
+        "request_seeds": request_seeds(),
+        "groups": [list(g) for g in groups],
+        "out_dir": str(out_dir),
+    }
+
+
+def _worker_env(engine: VllmConfig) -> dict[str, str]:
+    env = dict(os.environ)
+    if not _on_gpu():
+        env.setdefault(KVCACHE_ENV, str(engine.cpu_kvcache_gib))
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def _tail(path: Path) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    errors = [ln for ln in lines if "Error" in ln or "error" in ln]
+    return (errors[-1] if errors else lines[-1] if lines else "").strip()[:300]
+
+
+def generate_vllm_groups(
+    model: ResolvedModel,
+    groups: Sequence[Sequence[str]],
+    cfg: GenerationConfig,
+    *,
+    adapters: Sequence[Adapter] = (),
+    engine: VllmConfig | None = None,
+    progress: ProgressFn | None = None,
+    on_group: GroupFn | None = None,
+    log_path: Path | None = None,
+    timings: dict[str, float] | None = None,
+) -> list[list[Completion]]:
+    """Generate for several groups of rendered prompts with one engine start.
+
+    `on_group(i, completions)` is called as soon as group i is complete (in group order), so a
+    caller can persist it before the next group runs. Returns each group's completions, ordered
+    by (prompt_index, sample_index) within the group. A failing worker raises `UserError`
+    quoting its last error line and naming its log file. `timings`, when given, receives the
+    worker's `engine_start_s` and `generate_s` (benchmarks separate the two).
+    """
+    engine = engine or VllmConfig()
+    results: list[list[Completion] | None] = [None] * len(groups)
+    with tempfile.TemporaryDirectory(prefix="persona-cli-vllm-") as tmp:
+        tmp_path = Path(tmp)
+        request = build_request(model, groups, cfg, adapters, engine, tmp_path / "out")
+        write_json(tmp_path / "request.json", request)
+        log_file = log_path or tmp_path / "worker.log"
+        log.info(
+            "starting vLLM worker (%s, %s%s); engine start takes about a minute on a CPU",
+            request["model"],
+            request["dtype"],
+            ", LoRA " + request["lora"]["path"] if request["lora"] else "",
+        )
+        read_fd, write_fd = os.pipe()
+        with open(log_file, "ab") as logf:
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "persona_cli.generate.vllm_worker",
+                    str(tmp_path / "request.json"),
+                    str(write_fd),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                pass_fds=(write_fd,),
+                env=_worker_env(engine),
+            )
+            os.close(write_fd)
+            try:
+                with os.fdopen(read_fd, "r") as events:
+                    for line in events:
+                        event = json.loads(line)
+                        if event["event"] == "progress" and progress is not None:
+                            progress(int(event["n"]))
+                        elif event["event"] == "group":
+                            i = int(event["index"])
+                            rows = read_jsonl(event["path"])
+                            results[i] = [Completion(**row) for row in rows]
+                            if on_group is not None:
+                                on_group(i, results[i])
+                        elif event["event"] == "ready":
+                            log.info("vLLM engine ready after %.0f s", event["seconds"])
+                            if timings is not None:
+                                timings["engine_start_s"] = event["seconds"]
+                        elif event["event"] == "done" and timings is not None:
+                            timings["generate_s"] = event["seconds"]
+                code = proc.wait()
+            finally:
+                if proc.poll() is None:  # interrupted: do not leave an engine running
+                    proc.terminate()
+                    try:
+                        proc.wait(timeout=30)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+        if code != 0 or any(r is None for r in results):
+            where = f"; log: {log_file}" if log_path else ""
+            raise UserError(
+                f"vLLM worker failed (exit {code}): {_tail(log_file)}{where}", exit_code=1
+            )
+    return [r for r in results if r is not None]
+
+
+def generate_vllm(
+    model: ResolvedModel,
+    prompts: list[str],
+    cfg: GenerationConfig,
+    *,
+    adapters: Sequence[Adapter] = (),
+    engine: VllmConfig | None = None,
+    progress: ProgressFn | None = None,
+    log_path: Path | None = None,
+    timings: dict[str, float] | None = None,
+) -> list[Completion]:
+    """`generate_hf`'s contract on vLLM: `cfg.n` completions per rendered prompt, input order."""
+    return generate_vllm_groups(
+        model,
+        [prompts],
+        cfg,
+        adapters=adapters,
+        engine=engine,
+        progress=progress,
+        log_path=log_path,
+        timings=timings,
+    )[0]

@@ -1,0 +1,292 @@
+"""LoRA SFT through TRL's SFTTrainer + PEFT, on a pre-tokenised, pre-masked dataset.
+
+`train_lora` loads the base model (earlier adapters of a stack merged into it in memory), wraps
+it with a fresh LoRA adapter, trains with checkpoints under RUN/checkpoints (adapter + optimizer,
+scheduler and RNG state; a re-run resumes from the last one), and saves the final adapter to
+RUN/adapter. Out of GPU memory, it retries once with half the per-device batch and twice the
+accumulation, so the effective batch is unchanged, and reports the retry.
+
+Runs unchanged under `accelerate launch --num_processes N` (the Trainer shards the batches;
+only the main process saves).
+
+    result = train_lora(model=resolved, stack=[], tokenizer=tok, data=tokenized, cfg=TrainConfig(),
+                        run_path=Path("runs/x"), callbacks=[])
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from persona_cli.adapters import Adapter, load_with_adapters
+from persona_cli.errors import UserError
+from persona_cli.manifest import BatchProtocol
+from persona_cli.models import ResolvedModel
+from persona_cli.train.callbacks import TRAIN_LOG, TrainLogCallback, log_rows, write_train_log
+from persona_cli.train.config import TrainConfig
+from persona_cli.train.dataset import TokenizedSet
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+ADAPTER = "adapter"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    protocol: BatchProtocol
+    oom_retry: dict[str, Any] | None
+    resumed_from: str | None
+    final_loss: float | None
+    dtype: str
+    train_seconds: float
+    is_main: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "protocol": self.protocol.to_dict(),
+            "oom_retry": self.oom_retry,
+            "resumed_from": self.resumed_from,
+            "final_loss": self.final_loss,
+            "dtype": self.dtype,
+            "train_seconds": self.train_seconds,
+        }
+
+
+def on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def rank_device() -> str:
+    # Each process of a multi-GPU launch loads onto its own GPU, not all onto cuda:0.
+    return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if on_gpu() else "cpu"
+
+
+def resolved_dtype(cfg: TrainConfig) -> str:
+    if cfg.dtype == "auto":
+        return "bfloat16" if on_gpu() else "float32"  # fp32 is several times faster on CPUs
+    return cfg.dtype
+
+
+def lora_config(cfg: TrainConfig) -> Any:
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.lora_targets),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def trainer_args(cfg: TrainConfig, output_dir: Path, per_device_batch: int, grad_accum: int) -> Any:
+    from trl import SFTConfig
+
+    dtype = resolved_dtype(cfg)
+    checkpointing = cfg.gradient_checkpointing == "on" or (
+        cfg.gradient_checkpointing == "auto" and on_gpu()
+    )
+    return SFTConfig(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=per_device_batch,
+        gradient_accumulation_steps=grad_accum,
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps if cfg.max_steps is not None else -1,
+        warmup_steps=cfg.warmup_steps,
+        lr_scheduler_type=cfg.lr_scheduler,
+        optim=cfg.optimizer,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=dtype == "bfloat16",  # TRL defaults bf16 to True; fp32 runs must say so
+        fp16=dtype == "float16",
+        gradient_checkpointing=checkpointing,
+        # Masks and truncation were applied when tokenising; TRL only folds the mask into labels.
+        max_length=None,
+        padding_free=cfg.padding_free,
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        include_num_input_tokens_seen="all" if cfg.padding_free else "non_padding",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=not on_gpu(),
+        ddp_find_unused_parameters=False,
+        dataloader_num_workers=0,
+    )
+
+
+def last_checkpoint(run_path: Path) -> str | None:
+    """The newest complete checkpoint. The Trainer writes a checkpoint in place and its
+    trainer_state.json last, so a checkpoint without a parsable one was cut by a kill."""
+    directory = run_path / CHECKPOINTS
+    if not directory.is_dir():
+        return None
+    found = [
+        (int(m.group(1)), p)
+        for p in directory.iterdir()
+        if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name))
+    ]
+    for _, p in sorted(found, reverse=True):
+        try:
+            json.loads((p / "trainer_state.json").read_text())
+            return str(p)
+        except (OSError, ValueError):
+            log.warning("ignoring incomplete checkpoint %s", p)
+    return None
+
+
+def _fit(trainer: Any, resume_from: str | None) -> Any:
+    """One call of the training loop (the seam the OOM-retry test injects failures into)."""
+    return trainer.train(resume_from_checkpoint=resume_from)
+
+
+def _quiet_progress_bars() -> None:
+    # transformers (weight loading) and datasets (label building) draw tqdm bars on stderr;
+    # the command layer shows its own progress instead.
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _free_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _train_once(
+    *,
+    model: ResolvedModel,
+    stack: list[Adapter],
+    tokenizer: Any,
+    data: TokenizedSet,
+    cfg: TrainConfig,
+    run_path: Path,
+    callbacks: list[Any],
+    per_device_batch: int,
+    grad_accum: int,
+) -> tuple[Any, str | None]:
+    from transformers import PrinterCallback
+    from trl import SFTTrainer
+
+    base = load_with_adapters(model, stack, dtype=resolved_dtype(cfg), device=rank_device())
+    trainer = SFTTrainer(
+        model=base,
+        args=trainer_args(cfg, run_path / CHECKPOINTS, per_device_batch, grad_accum),
+        train_dataset=data.to_dataset(),
+        processing_class=tokenizer,
+        peft_config=lora_config(cfg),
+        callbacks=[TrainLogCallback(run_path / TRAIN_LOG), *callbacks],
+    )
+    trainer.remove_callback(PrinterCallback)  # it prints log dicts; the library never prints
+    resume_from = last_checkpoint(run_path)
+    if resume_from:
+        log.info("resuming from %s", resume_from)
+    try:
+        _fit(trainer, resume_from)
+    except BaseException:
+        del trainer, base
+        raise
+    return trainer, resume_from
+
+
+def train_lora(
+    *,
+    model: ResolvedModel,
+    stack: list[Adapter],
+    tokenizer: Any,
+    data: TokenizedSet,
+    cfg: TrainConfig,
+    run_path: Path,
+    callbacks: list[Any] | None = None,
+) -> TrainResult:
+    """Train one LoRA adapter; returns the protocol it ran with. See the module doc."""
+    import torch
+
+    _quiet_progress_bars()
+    started = time.monotonic()
+    per_device_batch, grad_accum = cfg.per_device_batch, cfg.grad_accum
+    oom_retry: dict[str, Any] | None = None
+    while True:
+        try:
+            trainer, resumed_from = _train_once(
+                model=model,
+                stack=stack,
+                tokenizer=tokenizer,
+                data=data,
+                cfg=cfg,
+                run_path=run_path,
+                callbacks=list(callbacks or []),
+                per_device_batch=per_device_batch,
+                grad_accum=grad_accum,
+            )
+            break
+        except torch.cuda.OutOfMemoryError as e:
+            _free_memory()
+            if oom_retry is not None or per_device_batch % 2:
+                raise UserError(
+                    f"out of GPU memory at --per-device-batch {per_device_batch} x --grad-accum "
+                    f"{grad_accum}"
+                    + (" after one retry" if oom_retry else " (odd batch: cannot halve it)")
+                    + "; lower --per-device-batch or --max-length, or pass "
+                    "--gradient-checkpointing on"
+                ) from None
+            oom_retry = {
+                "error": str(e).splitlines()[0][:300] if str(e) else type(e).__name__,
+                "from": {"per_device_batch": per_device_batch, "grad_accum": grad_accum},
+                "to": {"per_device_batch": per_device_batch // 2, "grad_accum": grad_accum * 2},
+            }
+            log.warning(
+                "out of GPU memory; retrying once with per-device batch %d x accumulation %d "
+                "(same effective batch)",
+                per_device_batch // 2,
+                grad_accum * 2,
+            )
+            per_device_batch, grad_accum = per_device_batch // 2, grad_accum * 2
+
+    state = trainer.state
+    protocol = BatchProtocol(
+        per_device_batch=per_device_batch,
+        grad_accum=grad_accum,
+        world_size=trainer.accelerator.num_processes,
+        optimizer_steps=state.global_step,
+    )
+    rows = log_rows(state.log_history)
+    is_main = bool(state.is_world_process_zero)
+    trainer.save_model(str(run_path / ADAPTER))  # PEFT weights; the main process writes
+    if is_main:
+        write_train_log(run_path / TRAIN_LOG, state.log_history)
+        if not cfg.keep_checkpoints:
+            shutil.rmtree(run_path / CHECKPOINTS, ignore_errors=True)
+    result = TrainResult(
+        protocol=protocol,
+        oom_retry=oom_retry,
+        resumed_from=resumed_from,
+        final_loss=rows[-1]["loss"] if rows else None,
+        dtype=resolved_dtype(cfg),
+        train_seconds=round(time.monotonic() - started, 3),
+        is_main=is_main,
+    )
+    del trainer
+    _free_memory()
+    return result
