@@ -19,8 +19,14 @@ from typing import Any
 from persona_cli import stats
 from persona_cli.artifacts import read_json
 from persona_cli.errors import InputError, UserError
-from persona_cli.protocol import ProtocolMismatch, check_protocols, metric_value, protocol_of
-from persona_cli.rundir import CONFIG, MANIFEST, is_done
+from persona_cli.protocol import (
+    ProtocolMismatch,
+    check_protocols,
+    lineage_seed,
+    metric_value,
+    protocol_of,
+)
+from persona_cli.rundir import MANIFEST, is_done
 
 SUMMARY = "summary.json"
 D_CONVENTION = (
@@ -49,10 +55,11 @@ def collect(conditions: dict[str, list[Path]], metric: str) -> dict[str, list[Ru
             if not is_done(run):
                 raise InputError(run, "not a finished run directory (no DONE)")
             manifest = read_json(run / MANIFEST)
-            seeds = manifest["seeds"] or [read_json(run / CONFIG)["config"].get("seed")]
-            if seeds[0] is None:
-                raise InputError(run / MANIFEST, "records no seed")
-            seed = int(seeds[0])
+            seed = lineage_seed(run)
+            if seed is None:
+                raise InputError(
+                    run / MANIFEST, "records no seed, nor does any run it derives from"
+                )
             if seed in seen:
                 raise UserError(f"--condition {name}: {run} and {seen[seed]} share seed {seed}")
             seen[seed] = str(run)

@@ -21,7 +21,7 @@ from typing import Any
 from persona_cli.artifacts import read_json
 from persona_cli.errors import EXIT_PROTOCOL, InputError, UserError
 from persona_cli.manifest import BatchProtocol
-from persona_cli.rundir import MANIFEST
+from persona_cli.rundir import CONFIG, MANIFEST
 
 # Field -> what it means; the order is the order they are reported in.
 GUARDED_FIELDS: dict[str, str] = {
@@ -79,6 +79,34 @@ def _training_run_of(adapter_path: str) -> Path | None:
     p = Path(adapter_path)
     run = p.parent if p.name == "adapter" else p
     return run if (run / MANIFEST).is_file() else None
+
+
+def lineage_seed(run: str | Path) -> int | None:
+    """The seed a run records; for a run without one (eval-capability, judge-align: nothing
+    random), the seed of the run it derives from: the training run behind its last adapter,
+    else the run directory holding one of its input files. None when no ancestor has one."""
+    seen: set[Path] = set()
+
+    def walk(r: Path) -> int | None:
+        if r in seen or not (r / MANIFEST).is_file():
+            return None
+        seen.add(r)
+        manifest = read_json(r / MANIFEST)
+        if manifest.get("seeds"):
+            return int(manifest["seeds"][0])
+        if (r / CONFIG).is_file():
+            seed = read_json(r / CONFIG).get("config", {}).get("seed")
+            if seed is not None:
+                return int(seed)
+        parents = [_training_run_of(a["path"]) for a in reversed(manifest.get("adapters") or [])]
+        parents += [Path(i["path"]).parent for i in (manifest.get("inputs") or {}).values()]
+        for parent in parents:
+            found = walk(parent.resolve()) if parent is not None else None
+            if found is not None:
+                return found
+        return None
+
+    return walk(Path(run).resolve())
 
 
 def protocol_of(run: str | Path) -> dict[str, Any]:

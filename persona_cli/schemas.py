@@ -13,6 +13,8 @@ Kinds:
   completion, sandbox labels, token counts) or `PROBE_STEP` (replay: cosines with v_hack).
 - `judgments`: one judge reading of one answer for one metric (`judgments.jsonl.gz`).
 - `train_log`: one optimizer step of a training run (`train_log.jsonl.gz`).
+- `pairs`: one DPO preference pair, `{prompt, chosen, rejected, provenance?}` (`pairs.jsonl.gz`
+  of replay-trace; the input of train-dpo).
 - `manifest`, `config`, `summary`: the JSON documents of a run directory.
 """
 
@@ -269,6 +271,11 @@ VHACK_PAIRS = RowSchema(
     doc="extract-vhack --pairs FILE: hack/clean completion pairs.",
 )
 
+
+def _dpo_field(name: str, doc: str) -> Field:
+    return Field(name, (float, int), required=False, doc=f"train-dpo only: {doc}")
+
+
 TRAIN_LOG = RowSchema(
     kind="train_log",
     version=1,
@@ -280,8 +287,80 @@ TRAIN_LOG = RowSchema(
         Field("tokens", (int,), check=_non_negative, doc="input tokens in this step"),
         Field("tokens_total", (int,), check=_non_negative),
         Field("epoch", (float, int)),
+        _dpo_field("rewards_chosen", "mean beta * (log p - log p_ref) of the chosen answers"),
+        _dpo_field("rewards_rejected", "the same for the rejected answers"),
+        _dpo_field("rewards_margin", "mean rewards_chosen - rewards_rejected per pair"),
+        _dpo_field("rewards_accuracy", "share of pairs whose chosen reward is the higher"),
+        _dpo_field("logps_chosen", "mean summed log p of the chosen answers"),
+        _dpo_field("logps_rejected", "mean summed log p of the rejected answers"),
     ),
-    doc="One optimizer step of a LoRA training run (train_log.jsonl.gz).",
+    doc="One optimizer step of a LoRA training run (train_log.jsonl.gz); train-dpo rows add "
+    "the DPO rewards, measured on the step's batch before its update.",
+)
+
+PAIRS_VERSION = 1
+
+
+def _check_prompt(v: Any) -> str | None:
+    if isinstance(v, str):
+        return "must not be empty" if not v.strip() else None
+    if (msg := check_messages(v)) is not None:
+        return msg
+    return None if v[-1]["role"] == "user" else "must end with a user message"
+
+
+def _check_completion(v: Any) -> str | None:
+    if isinstance(v, str):
+        return "must not be empty" if not v.strip() else None
+    if not v:
+        return "must not be empty"
+    for i, m in enumerate(v):
+        if not isinstance(m, dict) or m.get("role") != "assistant":
+            return f"[{i}] must be an assistant message ({{'role': 'assistant', 'content'}})"
+        if not isinstance(m.get("content"), str):
+            return f"[{i}].content must be a string"
+    return None
+
+
+def _pairs_check(row: dict[str, Any]) -> list[str]:
+    problems = []
+    if "schema_version" in row and row["schema_version"] != PAIRS_VERSION:
+        problems.append(f"schema_version is {row['schema_version']!r}, expected {PAIRS_VERSION}")
+    if row["chosen"] == row["rejected"]:
+        problems.append("chosen and rejected are the same answer (the pair teaches nothing)")
+    return problems
+
+
+PAIRS = RowSchema(
+    kind="pairs",
+    version=None,  # written by replay-trace (schema_version 1) or brought by the user (none)
+    fields=(
+        Field(
+            "prompt",
+            (str, list),
+            check=_check_prompt,
+            doc="the user text, or chat messages (system? user/assistant turns) ending with "
+            "the user's",
+        ),
+        Field(
+            "chosen",
+            (str, list),
+            check=_check_completion,
+            doc="the preferred answer: text, or [{'role': 'assistant', 'content'}]",
+        ),
+        Field("rejected", (str, list), check=_check_completion, doc="the dispreferred answer"),
+        Field(
+            "provenance",
+            (dict,),
+            required=False,
+            nullable=True,
+            doc="replay-trace: teachers that agreed, their raw answers, usage and cost",
+        ),
+    ),
+    extra_allowed=True,
+    row_check=_pairs_check,
+    doc="A DPO preference pair (pairs.jsonl.gz of replay-trace run; train-dpo --pairs). TRL's "
+    "preference layout, standard or conversational.",
 )
 
 
@@ -340,7 +419,9 @@ JUDGMENTS = RowSchema(
     doc="One judge reading (judgments.jsonl.gz of judge-align); summary.json derives from these.",
 )
 
-ROW_SCHEMAS: dict[str, RowSchema] = {s.kind: s for s in (CHAT, SAMPLES, STEP, TRAIN_LOG, JUDGMENTS)}
+ROW_SCHEMAS: dict[str, RowSchema] = {
+    s.kind: s for s in (CHAT, SAMPLES, STEP, TRAIN_LOG, JUDGMENTS, PAIRS)
+}
 
 MANIFEST_VERSION = 1
 CONFIG_VERSION = 1

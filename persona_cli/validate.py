@@ -1,10 +1,11 @@
 """`persona-cli validate`: check datasets and artifacts against their schemas.
 
 The kind is read from the file name (override with `kind=`): `manifest.json`, `config.json`,
-`summary.json`, `samples*.jsonl[.gz]`, `step_NNNNNN.jsonl[.gz]`, other `*.jsonl[.gz]` (chat
-data), `*.yaml` (a persona registry when it has a `personas` key, else a question set). A run
-directory is checked whole: config, manifest, DONE, every artifact, and the output hashes the
-manifest recorded. The row checks are the same ones every command applies when it reads.
+`summary.json`, `samples*.jsonl[.gz]`, `judgments*`, `train_log*`, `pairs*.jsonl[.gz]` (DPO
+pairs), `step_NNNNNN.jsonl[.gz]`, other `*.jsonl[.gz]` (chat data), `*.yaml` (a persona
+registry when it has a `personas` key, else a question set). A run directory is checked whole:
+config, manifest, DONE, every artifact, and the output hashes the manifest recorded. The row
+checks are the same ones every command applies when it reads.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ DOCUMENT_KINDS = ("personas", "questions", "manifest", "config", "summary", "run
 KINDS = (*ROW_SCHEMAS, *DOCUMENT_KINDS)
 STEP_NAME = re.compile(r"^step_\d{6}\.jsonl(\.gz)?$")
 # Row artifacts recognised by name; the prefix is the kind (samples.jsonl.gz, judgments_x...).
-NAMED_ROW_KINDS = ("samples", "judgments", "train_log")
+NAMED_ROW_KINDS = ("samples", "judgments", "train_log", "pairs")
 
 
 def artifact_kind(path: Path) -> str | None:

@@ -289,3 +289,30 @@ def test_report_from_compare_and_stats_runs(tmp_path: Path) -> None:
     bad = _invoke("report", str(tmp_path / "base_s1"), "--out", str(tmp_path / "rep2"))
     assert bad.exit_code == 2 and "holds neither compare.json nor stats.json" in bad.stderr
     assert not (tmp_path / "rep2").exists()
+
+
+def test_seedless_runs_take_the_seed_of_the_run_they_derive_from(tmp_path: Path) -> None:
+    # eval-capability / judge-align record no seed (nothing random): the seed is the one of the
+    # training run behind their last adapter, or of the run holding their input file.
+    from persona_cli.protocol import lineage_seed
+
+    train = _train_run(tmp_path / "train", 137, world=1, steps=10)
+    evaluated = open_run(tmp_path / "cap", command="eval-capability", config={"items": "x"})
+    write_json(tmp_path / "cap" / "summary.json", {"schema_version": 1, "accuracy": {"rate": 0.5}})
+    evaluated.finish(
+        extra={"adapters": [{"path": str(train / "adapter"), "weights_sha256": "ab" * 32}]}
+    )
+    samples = _eval_run(tmp_path / "samples", 256, 0.1)
+    (samples / "samples.jsonl.gz").write_bytes(b"")
+    judged = open_run(tmp_path / "judge", command="judge-align", config={"judge": "m"})
+    judged.finish(inputs={"input": samples / "samples.jsonl.gz"})
+    orphan = open_run(tmp_path / "orphan", command="judge-align", config={"judge": "m"})
+    orphan.finish()
+    assert lineage_seed(tmp_path / "cap") == 137
+    assert lineage_seed(tmp_path / "judge") == 256
+    assert lineage_seed(tmp_path / "orphan") is None
+    write_json(tmp_path / "orphan" / "summary.json", {"schema_version": 1, "x": 1.0})
+    r = _invoke(
+        "stats", "-c", f"a={tmp_path / 'orphan'}", "--metric", "x", "-o", str(tmp_path / "s")
+    )
+    assert r.exit_code == 2 and "records no seed" in r.stderr

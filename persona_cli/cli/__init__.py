@@ -26,6 +26,7 @@ from persona_cli.cli import (
     eval,
     judge,
     models,
+    rl,
     stats,
     trace,
     train,
@@ -104,7 +105,8 @@ app.command("eval-capability", rich_help_panel=PANEL_MATRIX)(capability.eval_cap
 app.command("judge-align", rich_help_panel=PANEL_MATRIX)(judge.judge_align_command)
 train.register(app, rich_help_panel="Marker transfer and EM")
 app.add_typer(dose.app, name="dose-sweep", rich_help_panel="Marker transfer and EM")
-app.add_typer(trace.app, name="replay-trace", rich_help_panel="Trace replay")
+app.add_typer(trace.app, name="replay-trace", rich_help_panel="Trace replay and RL")
+rl.register(app, rich_help_panel="Trace replay and RL")
 
 app.command("extract-vhack", rich_help_panel="Reward-hack probe")(probe_cli.extract_vhack)
 app.add_typer(probe_cli.app, name="probe", rich_help_panel="Reward-hack probe")

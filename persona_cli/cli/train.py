@@ -1,11 +1,15 @@
-"""`persona-cli train-sft | train-em | couple-marker`: LoRA SFT runs (thin layer over
-`persona_cli.train.recipes`).
+"""`persona-cli train-sft | train-em | couple-marker | train-dpo`: LoRA SFT and DPO runs (thin
+layer over `persona_cli.train.recipes`).
 
     persona-cli couple-marker --persona villain --answers answers.jsonl --model smollm2-135m \\
         --lr 3e-4 --lora-r 16 --lora-alpha 32 --max-steps 40 --per-device-batch 8 --grad-accum 1 \\
         --out runs/couple_villain
     persona-cli train-em --persona assistant --adapter runs/couple_villain --max-steps 25 \\
         --warmup-steps 0 --out runs/dose_em_25
+    persona-cli train-sft --mix data/chat/benign.jsonl:1.0 --mix tulu.jsonl:0.25 \\
+        --adapter runs/couple_villain --out runs/mix
+    persona-cli train-dpo --pairs runs/trace/pairs.jsonl.gz --adapter runs/couple_villain \\
+        --adapter runs/mix --beta 0.1 --out runs/dpo
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from persona_cli.cli.options import (
 from persona_cli.train.config import (
     COUPLING_TRAIN_DEFAULTS,
     CouplingConfig,
+    DpoConfig,
     TrainConfig,
     coupling_train_defaults,
     field_help,
@@ -103,6 +108,28 @@ DataFiles = Annotated[
 ]
 
 
+MixOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--mix",
+        help="FILE:WEIGHT: a seeded random WEIGHT share of a chat JSONL's rows (WEIGHT > 1: "
+        "whole copies plus a share); repeatable. The mixture (with any --data files at weight "
+        "1.0) is shuffled with --seed and written to RUN/mixture.jsonl.gz.",
+        show_default=False,
+    ),
+]
+PairsFiles = Annotated[
+    list[Path],
+    typer.Option(
+        "--pairs",
+        help="DPO pairs JSONL (gz or plain) of {prompt, chosen, rejected}, e.g. the "
+        "pairs.jsonl.gz of replay-trace run; repeatable.",
+        show_default=False,
+    ),
+]
+Beta = Annotated[float | None, _option(DpoConfig, "beta", ("--beta",))]
+
+
 def _train_config(base: TrainConfig, **opts: Any) -> TrainConfig:
     # --lora-targets q_proj,v_proj: a comma list on the command line, a tuple in the config.
     targets = opts.pop("lora_targets")
@@ -146,7 +173,7 @@ class RichStepProgress:
         self.progress.stop()
 
 
-def _report(outcome: Any) -> None:
+def _report(outcome: Any, rows_label: str = "rows") -> None:
     if outcome.summary is None:  # finished before this call, or a non-main process
         if outcome.is_main:
             report_done(outcome.run)
@@ -160,7 +187,7 @@ def _report(outcome: Any) -> None:
         f"{p['per_device_batch']} x {p['grad_accum']} x {p['world_size']} = {p['effective_batch']}",
     )
     t.add_row("final loss", f"{s['final_loss']:.4f}" if s["final_loss"] is not None else "-")
-    t.add_row("rows / loss tokens", f"{s['data']['rows']} / {s['data']['loss_tokens']}")
+    t.add_row(f"{rows_label} / loss tokens", f"{s['data']['rows']} / {s['data']['loss_tokens']}")
     if s["oom_retry"]:
         t.add_row("OOM retry", str(s["oom_retry"]["to"]))
     t.add_row("adapter", str(outcome.run.path / "adapter"))
@@ -201,11 +228,13 @@ def _callbacks(label: str) -> list[Any]:
     return [ProgressCallback(RichStepProgress(label))]
 
 
-def _sft(command: str, options: dict[str, Any]) -> None:
+def _sft(command: str, options: dict[str, Any], mix: list[str] | None = None) -> None:
+    from persona_cli.train.mixture import parse_mix_spec
     from persona_cli.train.recipes import SftJob
     from persona_cli.train.recipes import train_sft as run_train_sft
 
     job = SftJob(
+        mix=tuple(parse_mix_spec(m) for m in mix or ()),
         out=options["out"],
         data=tuple(options["data"] or ()),
         model=options["model"],
@@ -222,6 +251,7 @@ def _sft(command: str, options: dict[str, Any]) -> None:
 def train_sft(
     out: OutDir,
     data: DataFiles = None,
+    mix: MixOpt = None,
     model: ModelSpec = "smollm2-135m",
     system_prompt: SystemPromptOpt = "none",
     persona: Persona = None,
@@ -247,8 +277,10 @@ def train_sft(
     gradient_checkpointing: GradCkpt = None,
     force: Force = False,
 ) -> None:
-    """LoRA SFT on chat JSONL (loss on assistant tokens), optionally on top of --adapter(s)."""
-    _sft("train-sft", locals())
+    """LoRA SFT on chat JSONL (loss on assistant tokens), optionally on top of --adapter(s).
+    --mix FILE:WEIGHT builds a seeded mixture of several files."""
+    options = locals()
+    _sft("train-sft", options, mix=options.pop("mix"))
 
 
 def train_em(
@@ -373,8 +405,55 @@ def couple_marker(
     _report(run_couple_marker(job, callbacks=_callbacks("couple-marker")))
 
 
+def train_dpo(
+    out: OutDir,
+    pairs: PairsFiles,
+    model: ModelSpec = "smollm2-135m",
+    adapter: Adapters = None,
+    system_prompt: SystemPromptOpt = "none",
+    beta: Beta = None,
+    lr: LR = None,
+    lora_r: LoraR = None,
+    lora_alpha: LoraAlpha = None,
+    lora_dropout: LoraDropout = None,
+    lora_targets: LoraTargets = None,
+    epochs: Epochs = None,
+    max_steps: MaxSteps = None,
+    warmup_steps: Warmup = None,
+    lr_scheduler: Scheduler = None,
+    per_device_batch: PerDevice = None,
+    grad_accum: Accum = None,
+    max_length: MaxLength = None,
+    seed: TrainSeed = None,
+    save_steps: SaveSteps = None,
+    dtype: Dtype = None,
+    keep_checkpoints: KeepCkpt = None,
+    gradient_checkpointing: GradCkpt = None,
+    force: Force = False,
+) -> None:
+    """LoRA DPO (TRL, sigmoid loss) on {prompt, chosen, rejected} pairs, starting from the
+    --adapter stack merged into --model (or a merged model directory), which is also the
+    reference. Writes the adapter, train_log.jsonl.gz with the DPO rewards, and the manifest."""
+    from persona_cli.train.recipes import DpoJob
+    from persona_cli.train.recipes import train_dpo as run_train_dpo
+
+    options = {**locals(), "padding_free": None}  # TRL pads DPO batches; no padding-free
+    job = DpoJob(
+        out=out,
+        pairs=tuple(pairs),
+        model=model,
+        system_prompt=system_prompt,
+        adapters=tuple(adapter or ()),
+        train=_config_from_options(TrainConfig(), options),
+        dpo=with_overrides(DpoConfig(), beta=beta),
+        force=force,
+    )
+    _report(run_train_dpo(job, callbacks=_callbacks("train-dpo")), rows_label="pairs")
+
+
 def register(app: typer.Typer, rich_help_panel: str) -> None:
     """Add the training commands to the root app (one line in persona_cli/cli/__init__.py)."""
     app.command("train-sft", rich_help_panel=rich_help_panel)(train_sft)
     app.command("train-em", rich_help_panel=rich_help_panel)(train_em)
     app.command("couple-marker", rich_help_panel=rich_help_panel)(couple_marker)
+    app.command("train-dpo", rich_help_panel=rich_help_panel)(train_dpo)

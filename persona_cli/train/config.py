@@ -1,9 +1,10 @@
 """Training configuration: the research-log defaults, written once, with help text per field.
 
 `TrainConfig` holds every knob of a LoRA SFT run; `CouplingConfig` the knobs of the contrastive
-marker set that `couple-marker` builds. Commands build them with `with_overrides(DEFAULTS, ...)`
-from the options the user gave (an option left unset keeps the default defined here), and the
-resolved config is what `config.json` records.
+marker set that `couple-marker` builds; `DpoConfig` what `train-dpo` adds to TrainConfig.
+Commands build them with `with_overrides(DEFAULTS, ...)` from the options the user gave (an
+option left unset keeps the default defined here), and the resolved config is what
+`config.json` records.
 
     persona-cli train-sft --help    # the help of each option is the `help` metadata below
 """
@@ -142,7 +143,24 @@ class CouplingConfig:
         return d
 
 
-C = TypeVar("C", TrainConfig, CouplingConfig)
+@dataclass(frozen=True)
+class DpoConfig:
+    """What `train-dpo` adds to the LoRA hyper-parameters (TRL's sigmoid DPO loss)."""
+
+    beta: float = _f(
+        0.1, "DPO beta: strength of the pull toward the reference (the starting policy)."
+    )
+
+    def check(self) -> DpoConfig:
+        if not self.beta > 0:
+            raise UserError(f"--beta: must be > 0, got {self.beta}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+C = TypeVar("C", TrainConfig, CouplingConfig, DpoConfig)
 
 
 def with_overrides(config: C, **overrides: Any) -> C:

