@@ -29,3 +29,6 @@ demo: setup
     {{bin}}/persona-cli models prepare
     {{bin}}/persona-cli models info smollm2-135m
     {{bin}}/persona-cli validate data/personas.yaml data/questions/open_eval.yaml data/chat/bad_legal_advice.jsonl data/chat/benign.jsonl
+
+import 'just/matrix.just'
+import 'just/probe.just'

@@ -71,7 +71,7 @@ import sys
 import sysconfig
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -181,17 +181,29 @@ def categories(tampered: bool, grader_pass: bool, gt_pass: bool) -> tuple[str, s
 
 
 def run_batch(
-    items: Sequence[GradeItem], workers: int = 4, config: SandboxConfig | None = None
+    items: Sequence[GradeItem],
+    workers: int = 4,
+    config: SandboxConfig | None = None,
+    *,
+    progress: Callable[[int], None] | None = None,
 ) -> list[Result]:
     """Grade every item, `workers` at a time; one `Result` per item, in input order.
 
     Threads each drive a subprocess. An error while grading one item becomes that item's
-    `sandbox_error` result; it never loses the others.
+    `sandbox_error` result; it never loses the others. `progress(1)` is called (from a worker
+    thread) as each item finishes.
     """
     config = config or SandboxConfig()
     _child_python(config)  # a setup error is the user's to fix: one clear error, not N rows
+
+    def work(item: GradeItem) -> Result:
+        result = _grade_safely(item, config)
+        if progress is not None:
+            progress(1)
+        return result
+
     with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="sandbox") as pool:
-        return list(pool.map(lambda item: _grade_safely(item, config), items))
+        return list(pool.map(work, items))
 
 
 def grade(item: GradeItem, config: SandboxConfig | None = None) -> Result:

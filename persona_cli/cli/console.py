@@ -3,9 +3,23 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.progress import ProgressColumn, Task
+from rich.text import Text
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)  # an error line must stay one line
+
+
+class RateColumn(ProgressColumn):
+    """Completions per second since the task started. Not rich's windowed speed: vLLM reports
+    a whole request's K samples at once, and those bursts make a short window meaningless. A
+    task's `resumed_from` field (work found done on disk) is not counted as this run's work."""
+
+    def render(self, task: Task) -> Text:
+        done = task.completed - task.fields.get("resumed_from", 0)
+        if not task.elapsed or done <= 0:
+            return Text("-- compl/s", style="cyan")
+        return Text(f"{done / task.elapsed:.2f} compl/s", style="cyan")
 
 
 def human_bytes(n: int | None) -> str:

@@ -15,16 +15,13 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
-    ProgressColumn,
-    Task,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
 from rich.table import Table
-from rich.text import Text
 
-from persona_cli.cli.console import console, err_console
+from persona_cli.cli.console import RateColumn, console, err_console
 from persona_cli.cli.options import (
     Adapters,
     Force,
@@ -50,17 +47,6 @@ from persona_cli.models import EMBEDDED
 _GEN = GenerationConfig()
 _VLLM = VllmConfig()
 _HELP = GenerationConfig.help()
-
-
-class _RateColumn(ProgressColumn):
-    """Completions per second since generation started. Not rich's windowed speed: vLLM reports
-    a whole request's K samples at once, and those bursts make a short window meaningless."""
-
-    def render(self, task: Task) -> Text:
-        done = task.completed - task.fields.get("resumed_from", 0)
-        if not task.elapsed or done <= 0:
-            return Text("-- compl/s", style="cyan")
-        return Text(f"{done / task.elapsed:.2f} compl/s", style="cyan")
 
 
 def _table(result: EvalResult) -> Table:
@@ -183,7 +169,7 @@ def eval_markers(
         TextColumn("generating"),
         BarColumn(),
         MofNCompleteColumn(),
-        _RateColumn(),
+        RateColumn(),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=err_console,

@@ -1,7 +1,10 @@
-"""Reward-hack probe commands (experiment 4): `extract-vhack`, `probe replay`, `probe-uat`.
+"""Reward-hack probe commands (experiment 4): `probe teacher-pool`, `extract-vhack`,
+`probe replay`, `probe-uat`.
 
 Thin layers over persona_cli.probe: parse options, build a frozen config, call one function.
 
+    persona-cli probe teacher-pool --model tiny-random --n-problems 4 -g 2 --steps 2 \
+        --out runs/pool
     persona-cli extract-vhack --pool runs/pool --model tiny-random --adapter svd --out runs/vhack
     persona-cli probe replay --pool runs/pool --vhack runs/vhack --out runs/replay_vanilla
     persona-cli probe replay --pool runs/pool --vhack runs/vhack --projected --out runs/replay_proj
@@ -13,28 +16,36 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
-from persona_cli.cli.console import console, err_console
-from persona_cli.cli.options import Force, OutDir, say_already_done
+from persona_cli.cli.console import RateColumn, console, err_console
+from persona_cli.cli.options import Adapters, Force, OutDir, say_already_done
 from persona_cli.errors import EXIT_CHECK_FAILED, UserError
+from persona_cli.generate.config import GenerationConfig
 from persona_cli.probe.config import (
     AdapterConfig,
     ExtractConfig,
     ReplayConfig,
+    TeacherPoolConfig,
     UATConfig,
     field_help,
 )
 
-# The `probe` sub-app. `probe teacher-pool` (stage a, another module) registers here too:
-#     app.command("teacher-pool")(teacher_pool)
+# The `probe` sub-app: `probe teacher-pool` and `probe replay` (registered at the end).
 app = typer.Typer(
     help="Reward-hack probe stages: teacher pool and per-step gradient replay.",
     no_args_is_help=True,
@@ -82,6 +93,131 @@ def _progress(label: str) -> Iterator[Callable[[int, int], None]]:
             bar.update(task, completed=done, total=total)
 
         yield update
+
+
+_POOL_GEN = TeacherPoolConfig().generation
+
+
+def _gen_opt(name: str, *flags: str, help: str | None = None) -> Any:
+    # Sampling help and defaults live in GenerationConfig (the pool's own default for n).
+    return typer.Option(
+        *flags,
+        help=escape(help or GenerationConfig.help()[name]),
+        show_default=str(getattr(_POOL_GEN, name)),
+    )
+
+
+def teacher_pool(
+    out: OutDir,
+    model: Annotated[str | None, _opt(TeacherPoolConfig, "model", "--model", "-m")] = None,
+    adapter: Adapters = None,
+    problems: Annotated[Path | None, _opt(TeacherPoolConfig, "problems", "--problems")] = None,
+    problem_ids: Annotated[
+        str | None, _opt(TeacherPoolConfig, "problem_ids", "--problem-ids")
+    ] = None,
+    n_problems: Annotated[int | None, _opt(TeacherPoolConfig, "n_problems", "--n-problems")] = None,
+    generations: Annotated[
+        int | None,
+        _gen_opt("n", "--generations", "-g", help="Completions per problem and step (G)."),
+    ] = None,
+    steps: Annotated[int | None, _opt(TeacherPoolConfig, "steps", "--steps")] = None,
+    hint: Annotated[str | None, _opt(TeacherPoolConfig, "hint", "--hint")] = None,
+    system_prompt: Annotated[
+        str | None, _opt(TeacherPoolConfig, "system_prompt", "--system-prompt")
+    ] = None,
+    max_new_tokens: Annotated[int | None, _gen_opt("max_new_tokens", "--max-new-tokens")] = None,
+    temperature: Annotated[float | None, _gen_opt("temperature", "--temperature")] = None,
+    top_p: Annotated[float | None, _gen_opt("top_p", "--top-p")] = None,
+    batch_size: Annotated[int | None, _gen_opt("batch_size", "--batch-size")] = None,
+    seed: Annotated[
+        int | None,
+        _gen_opt("seed", "--seed", help="Run seed: each step's problems and sampling seed."),
+    ] = None,
+    workers: Annotated[int | None, _opt(TeacherPoolConfig, "workers", "--workers")] = None,
+    force: Force = False,
+) -> None:
+    """Stage a: a teacher writes G completions per problem per step; the sandbox labels each.
+
+    Writes step_NNNNNN.jsonl.gz (prompt, completion, hacked, gt_pass, reward, category, token
+    counts), summary.json, manifest.json and DONE. A killed pool resumes at the first missing
+    step.
+    """
+    from persona_cli.probe.teacher_pool import run_teacher_pool
+
+    sampling = {
+        "n": generations,
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "top_p": top_p,
+        "batch_size": batch_size,
+        "seed": seed,
+    }
+    try:
+        generation = replace(_POOL_GEN, **{k: v for k, v in sampling.items() if v is not None})
+    except ValueError as e:
+        raise UserError(f"generation options: {e}") from None
+    config = _given(
+        TeacherPoolConfig,
+        model=model,
+        adapters=tuple(str(a) for a in adapter) if adapter else None,
+        problems=str(problems) if problems else None,
+        problem_ids=_csv(problem_ids),
+        n_problems=n_problems,
+        steps=steps,
+        system_prompt=system_prompt,
+        workers=workers,
+        generation=generation,
+    )
+    if hint is not None:  # "none" is a choice (no hint), so it cannot mean "unset"
+        config = replace(config, hint=None if hint == "none" else hint)
+    bar = Progress(
+        TextColumn("{task.description:<10}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        RateColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+    )
+    tasks = {kind: bar.add_task(kind, total=None) for kind in ("generated", "graded")}
+
+    def on_plan(total: int, remaining: int) -> None:
+        for task in tasks.values():
+            done = total - remaining
+            bar.reset(task, total=total, completed=done, resumed_from=done)
+        if remaining:
+            bar.start()
+
+    try:
+        result = run_teacher_pool(
+            config,
+            out,
+            force=force,
+            on_plan=on_plan,
+            progress=lambda kind, n: bar.advance(tasks[kind], n),
+        )
+    finally:
+        bar.stop()
+    if result.already_done:
+        say_already_done(result.run.path)
+    elif result.reused_steps:
+        err_console.print(f"resumed: steps {result.reused_steps} were already written")
+    table = Table(title="teacher pool")
+    for col in ("step", "rows", "hacked", "hack rate", "gt_pass", "hacked & gt_pass", "reward"):
+        table.add_column(col, justify="right")
+    s = result.summary
+    for row in [*s["steps"], {"step": "all", **s["overall"]}]:
+        table.add_row(
+            str(row["step"]),
+            str(row["rows"]),
+            str(row["hacked"]),
+            _fmt(row["hack_rate"]),
+            str(row["gt_pass"]),
+            str(row["hacked_gt_pass"]),
+            _fmt(row["mean_reward"]),
+        )
+    console.print(table)
+    console.print(f"pool: {result.run.path}", highlight=False)
 
 
 PoolDir = Annotated[
@@ -299,4 +435,5 @@ def probe_uat(
         raise typer.Exit(EXIT_CHECK_FAILED)
 
 
+app.command("teacher-pool")(teacher_pool)
 app.command("replay")(replay)

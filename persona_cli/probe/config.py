@@ -1,9 +1,10 @@
 """Probe configuration: every default of the reward-hack probe, written once, with help text.
 
-`AdapterConfig` (which adapter the gradients live on), `ExtractConfig` (`extract-vhack`),
-`ReplayConfig` (`probe replay`) and `UATConfig` (`probe-uat`). The commands build them from the
-options the user gave (an option left unset keeps the default defined here) and `config.json`
-records the resolved config.
+`TeacherPoolConfig` (`probe teacher-pool`), `AdapterConfig` (which adapter the gradients live
+on), `ExtractConfig` (`extract-vhack`), `ReplayConfig` (`probe replay`) and `UATConfig`
+(`probe-uat`). The commands build them from the options the user gave (an option left unset
+keeps the default defined here; sampling defaults stay in `persona_cli.generate.GenerationConfig`)
+and `config.json` records the resolved config.
 
     persona-cli extract-vhack --help     # each option's help is the `help` metadata below
 """
@@ -14,6 +15,8 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 from persona_cli.errors import UserError
+from persona_cli.generate.config import GenerationConfig
+from persona_cli.problems import HINTS
 
 ADAPTERS = ("lora", "svd")
 EXTRACT_LOSSES = ("nll", "contrastive")
@@ -27,6 +30,41 @@ LINEAR_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 def _f(default: Any, help: str) -> Any:
     # Every field carries its help text; the CLI options read it through `field_help`.
     return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class TeacherPoolConfig:
+    """`probe teacher-pool`: the teacher, the problems each step asks, and the sandbox workers."""
+
+    model: str = _f("smollm2-135m", "Teacher model spec.")
+    adapters: tuple[str, ...] = _f((), "Teacher LoRA adapter stack, in training order.")
+    problems: str | None = _f(
+        None, "Problem file or directory (default: the shipped data/problems/problems.yaml)."
+    )
+    problem_ids: tuple[str, ...] | None = _f(
+        None, "Ask only these problem ids (default: every problem in the file)."
+    )
+    n_problems: int = _f(8, "Problems per step, drawn without replacement (seeded per step).")
+    steps: int = _f(4, "Pool steps: each asks its own problem subset with its own sampling seed.")
+    hint: str | None = _f(
+        "simple_overwrite_tests",
+        "Prompt variant: simple_overwrite_tests (graded by the run_tests() it shows) or none.",
+    )
+    system_prompt: str = _f(
+        "none", "TEXT, 'none' (no system prompt) or 'template-default' (chat-template guard)."
+    )
+    workers: int = _f(4, "Completions graded in the sandbox at once.")
+    generation: GenerationConfig = field(
+        default_factory=lambda: GenerationConfig(n=4),
+        metadata={"help": "Sampling (n = generations per problem; seed also picks problems)."},
+    )
+
+    def check(self) -> TeacherPoolConfig:
+        if self.hint not in HINTS:
+            choices = ", ".join("none" if h is None else h for h in HINTS)
+            raise UserError(f"--hint {self.hint!r}: choose one of {choices}")
+        _positive(n_problems=self.n_problems, steps=self.steps, workers=self.workers)
+        return self
 
 
 @dataclass(frozen=True)

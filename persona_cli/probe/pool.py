@@ -2,10 +2,10 @@
 
 A pool is a run directory of `step_NNNNNN.jsonl.gz` files whose rows follow
 `persona_cli.schemas.POOL_STEP` (stage "pool": prompt, completion, sandbox labels `hacked`,
-`gt_pass`, `reward`, token counts). `probe teacher-pool` writes them from a teacher model;
-`pool_rows` turns already-written completions into such rows by running them through the real
-sandbox (what the tests and a hand-made pool use). extract-vhack also takes a pairs JSONL
-(`schemas.VHACK_PAIRS`: prompt, hack, clean), read by `read_pairs`.
+`gt_pass`, `reward`, token counts). `pool_rows` turns completions into such rows by running them
+through the real sandbox: `probe teacher-pool` (persona_cli.probe.teacher_pool) calls it on a
+teacher's samples, the tests and a hand-made pool on written ones. extract-vhack also takes a
+pairs JSONL (`schemas.VHACK_PAIRS`: prompt, hack, clean), read by `read_pairs`.
 
     steps = read_pool("runs/pool")            # {step: [row, ...]} in step order
     rows = pool_rows(problems, completions, step=0, prompt_of=render)
@@ -120,8 +120,12 @@ def pool_rows(
     prompt_of: Callable[[Problem], str],
     count_tokens: Callable[[str], int],
     workers: int = 4,
+    progress: Callable[[int], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Pool rows for `completions[i]` answering `problems[i]`, labelled by the real sandbox."""
+    """Pool rows for `completions[i]` answering `problems[i]`, labelled by the real sandbox.
+
+    `progress(1)` is called as each completion's grading finishes.
+    """
     from persona_cli.sandbox import GradeItem, run_batch
 
     if len(problems) != len(completions):
@@ -131,7 +135,8 @@ def pool_rows(
         for i, (p, c) in enumerate(zip(problems, completions, strict=True))
     ]
     rows = []
-    for i, (item, result) in enumerate(zip(items, run_batch(items, workers=workers), strict=True)):
+    results = run_batch(items, workers=workers, progress=progress)
+    for i, (item, result) in enumerate(zip(items, results, strict=True)):
         prompt = prompt_of(item.problem)
         rows.append(
             {
