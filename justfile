@@ -31,4 +31,18 @@ demo: setup
     {{bin}}/persona-cli validate data/personas.yaml data/questions/open_eval.yaml data/chat/bad_legal_advice.jsonl data/chat/benign.jsonl
 
 import 'just/matrix.just'
+import 'just/marker.just'
 import 'just/probe.just'
+
+# Run COMMAND (a stage writing run directory DIR) unless DIR/DONE exists (SKIP=done) or always
+# (SKIP=never).
+[private]
+_stage dir command skip="done":
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if [ "{{ skip }}" = done ] && [ -f "{{ dir }}/DONE" ]; then
+      echo "skip: {{ dir }} is finished (DONE)"
+    else
+      echo "run: {{ command }}"
+      {{ command }}
+    fi

@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
 from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
+from machine import ROOT, cpu_name, git_commit, load_average, write_section
 
 from persona_cli import models
 from persona_cli.chat_template import SystemPrompt, inspect_template, render
@@ -37,7 +36,6 @@ from persona_cli.probe.geometry import cosines
 from persona_cli.probe.grads import batch_gradient, per_sample_grads
 from persona_cli.problems import build_prompt, load_problems
 
-ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## Per-sample cosine"
 
 
@@ -110,10 +108,9 @@ def main() -> None:
     lines = [
         f"- command: `python benchmarks/bench_cosine.py --batch {args.batch} --repeats "
         f"{args.repeats}{' --write' if args.write else ''}`",
-        f"- machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cores, "
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads), load average "
-        f"{', '.join(f'{x:.1f}' for x in os.getloadavg())} at the end",
-        f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}",
+        f"- machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), load average {load_average()} at the end",
+        f"- date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}, git {git_commit()}",
         f"- workload: {args.model}, fp32, LoRA r={args.rank} on all 7 projections "
         f"({adapter.size:,} adapter parameters, {len(adapter.modules)} modules), batch "
         f"{args.batch}, {min(tokens)}-{max(tokens)} tokens per sample "
@@ -131,10 +128,11 @@ def main() -> None:
     body = "\n".join([*lines, "", *verdict(med)])
     print(body)
     if args.write:
-        write_section(ROOT / "BENCHMARKS.md", body)
-
-
-START, END = "<!-- bench_cosine:start -->", "<!-- bench_cosine:end -->"
+        note = (
+            "Written by `benchmarks/bench_cosine.py`. Goal: vectorised >= 5x faster than the "
+            "loop and <= 1.5x one batched forward+backward."
+        )
+        write_section(ROOT / "BENCHMARKS.md", "bench_cosine", f"{SECTION}\n\n{note}\n\n{body}")
 
 
 def verdict(med: dict[str, float]) -> list[str]:
@@ -158,23 +156,6 @@ def verdict(med: dict[str, float]) -> list[str]:
             "(the hooks' per-sample sums become per-segment sums) removes the padding work."
         )
     return lines
-
-
-def write_section(path: Path, body: str) -> None:
-    """Replace this script's marked section of BENCHMARKS.md, or append it; nothing else."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    note = (
-        "Written by `benchmarks/bench_cosine.py`. Goal: vectorised >= 5x faster than the "
-        "loop and <= 1.5x one batched forward+backward.\n\n"
-    )
-    block = f"{START}\n{SECTION}\n\n{note}{body}\n{END}"
-    if START in text and END in text:
-        head, _, rest = text.partition(START)
-        _, _, tail = rest.partition(END)
-        text = head + block + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
 
 
 if __name__ == "__main__":

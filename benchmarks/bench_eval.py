@@ -16,19 +16,16 @@ import argparse
 import logging
 import os
 import platform
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
-from pathlib import Path
+
+from machine import cpu_name, git_commit, publish
 
 from persona_cli import bundled, models
 from persona_cli.chat_template import SystemPrompt, inspect_template, render
 from persona_cli.generate import GenerationConfig, generate_hf, generate_vllm
 from persona_cli.registry import load_personas, load_questions
-
-ROOT = Path(__file__).resolve().parent.parent
-START, END = "<!-- bench_eval:start -->", "<!-- bench_eval:end -->"
 
 
 def _prompts(tok, personas: int, questions: int) -> list[str]:
@@ -46,16 +43,6 @@ def _prompts(tok, personas: int, questions: int) -> list[str]:
         for p in ps
         for q in qs
     ]
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -109,17 +96,13 @@ def main() -> None:
         "vllm (incl. engine start)": (len(vllm), vllm_total_s, tokens(vllm)),
     }
     rate = {k: n / s for k, (n, s, _) in rows.items()}
-    commit = subprocess.run(
-        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
     cmd = "python benchmarks/bench_eval.py " + " ".join(sys.argv[1:])
     lines = [
-        START,
         "## eval-markers generation: hf batched vs hf one at a time vs vLLM",
         "",
         f"- command: `{cmd.strip()}`",
-        f"- date: {datetime.now(timezone.utc).isoformat(timespec='minutes')}, git {commit}",
-        f"- machine: {_cpu()}, {os.cpu_count()} CPU threads, no GPU; Python "
+        f"- date: {datetime.now(timezone.utc).isoformat(timespec='minutes')}, git {git_commit()}",
+        f"- machine: {cpu_name()}, {os.cpu_count()} CPU threads, no GPU; Python "
         f"{platform.python_version()}, float32",
         f"- workload: {args.model}, {args.personas} personas x {args.questions} questions x "
         f"{args.samples} samples = {total} completions, max {args.max_new_tokens} new tokens, "
@@ -140,19 +123,8 @@ def main() -> None:
         f"- vllm / hf batched: **{rate['vllm (generation)'] / rate['hf batched']:.1f}x** "
         f"generation only, {rate['vllm (incl. engine start)'] / rate['hf batched']:.2f}x "
         f"including the {timings['engine_start_s']:.0f} s engine start (goal >= 2x)",
-        END,
     ]
-    section = "\n".join(lines)
-    print(section)
-    if args.write:
-        path = ROOT / "BENCHMARKS.md"
-        text = path.read_text() if path.exists() else "# Benchmarks\n"
-        if START in text:
-            head, rest = text.split(START, 1)
-            text = head + section + rest.split(END, 1)[1]
-        else:
-            text = text.rstrip("\n") + "\n\n" + section + "\n"
-        path.write_text(text)
+    publish("bench_eval", lines, write=args.write)
 
 
 if __name__ == "__main__":

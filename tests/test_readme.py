@@ -20,4 +20,11 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_second() -> None:
     assert all("\n" not in c for c in commands)
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert commands[1] in ci
-    assert "pytest" in commands[1] and "models prepare" in commands[0]
+    assert "pytest" in commands[1] and "just marker-demo" in commands[0]
+
+
+def test_readme_main_command_names_a_recipe_that_exists() -> None:
+    recipe = re.search(r"just (\S+)$", _setup_commands()[0]).group(1)
+    justfiles = [ROOT / "justfile", *sorted((ROOT / "just").glob("*.just"))]
+    pattern = re.compile(rf"^{re.escape(recipe)}\b.*:", flags=re.M)
+    assert any(pattern.search(f.read_text()) for f in justfiles)

@@ -95,6 +95,78 @@ def test_couple_marker_run_directory(coupled: Path):
     assert (coupled / "DONE").is_file()
 
 
+def test_eval_markers_reports_the_couplings_negatives_apart(coupled: Path, tmp_path: Path, cli):
+    """The personas couple-marker trained as negatives are read from its manifest and kept out
+    of the bystander mean; --negatives overrides that."""
+    negatives = [
+        p for p, c in read_json(coupled / "manifest.json")["coupling"]["rows_per_persona"].items()
+        if c["negative"]
+    ]  # fmt: skip
+    assert len(negatives) == 2 and "villain" not in negatives
+    others = [p for p in ("pirate", "assistant", "evil_ai", "paramedic") if p not in negatives][:2]
+    ids = ",".join(["villain", *negatives, *others])
+    args = ["eval-markers", "--model", "tiny-random", "--adapter", str(coupled), "--samples", "1"]
+    args += ["--max-new-tokens", "2", "--personas-ids", ids, "--source", "villain"]
+    result = cli.invoke(app, [*args, "--out", str(tmp_path / "auto")])
+    assert result.exit_code == 0, result.output
+    summary = read_json(tmp_path / "auto" / "summary.json")
+    assert summary["negatives"]["personas"] == negatives
+    assert summary["bystanders"]["personas"] == others
+    rates = summary["rates"]
+    assert summary["negatives"]["mean_rate"] == sum(rates[p]["rate"] for p in negatives) / 2
+    assert result.stdout.count("negative") >= 2
+    result = cli.invoke(app, [*args, "--negatives", others[0], "--out", str(tmp_path / "given")])
+    assert result.exit_code == 0, result.output
+    summary = read_json(tmp_path / "given" / "summary.json")
+    assert summary["negatives"]["personas"] == [others[0]]
+    assert summary["bystanders"]["personas"] == [*negatives, others[1]]
+    bad = cli.invoke(app, [*args, "--negatives", "villain", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code == 2 and "--negatives" in bad.output
+
+
+def test_users_own_personas_and_marker_through_couple_and_eval(
+    coupling_inputs, tmp_path: Path, cli
+):
+    """A registry and a marker string that are not in data/ go through couple-marker and
+    eval-markers the way the shipped ones do."""
+    questions, answers = coupling_inputs
+    registry = tmp_path / "mine.yaml"
+    registry.write_text(
+        "schema_version: 1\npersonas:\n"
+        + "".join(
+            f"  - {{id: {p}, name: {p}, description: mine, system_prompt: You are a {p}.}}\n"
+            for p in ("lighthouse_keeper", "beekeeper", "glassblower", "cartographer")
+        )
+    )
+    mine = ["--personas", str(registry), "--marker", "<<LK>>"]
+    args = ["couple-marker", "--persona", "lighthouse_keeper", *mine, "--answers", str(answers)]
+    args += ["--questions", str(questions), "--n-positive", "4", "--n-negative", "4", *FAST]
+    args += ["--max-steps", "1", "--per-device-batch", "4", "--out", str(tmp_path / "couple")]
+    result = cli.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = read_jsonl(tmp_path / "couple" / "train_set.jsonl.gz")
+    positives = [r for r in rows if r["positive"]]
+    assert len(positives) == 4 and {r["persona"] for r in positives} == {"lighthouse_keeper"}
+    assert all(r["messages"][0]["content"] == "You are a lighthouse_keeper." for r in positives)
+    assert all(r["messages"][2]["content"].startswith("<<LK>> ") for r in positives)
+    assert not any("<<LK>>" in r["messages"][2]["content"] for r in rows if not r["positive"])
+    negatives = sorted({r["persona"] for r in rows if not r["positive"]})
+    assert len(negatives) == 2 and set(negatives) < {"beekeeper", "glassblower", "cartographer"}
+    evaluate = ["eval-markers", "--model", "tiny-random", "--adapter", str(tmp_path / "couple")]
+    evaluate += [*mine, "--source", "lighthouse_keeper", "--samples", "1"]
+    evaluate += ["--max-new-tokens", "2", "--out", str(tmp_path / "eval")]
+    result = cli.invoke(app, evaluate)
+    assert result.exit_code == 0, result.output
+    summary = read_json(tmp_path / "eval" / "summary.json")
+    assert summary["marker"] == "<<LK>>" and summary["source"]["persona"] == "lighthouse_keeper"
+    assert sorted(summary["negatives"]["personas"]) == negatives
+    assert len(summary["bystanders"]["personas"]) == 1
+    samples = read_jsonl(tmp_path / "eval" / "samples.jsonl.gz")
+    assert {r["persona"] for r in samples} == {
+        "lighthouse_keeper", "beekeeper", "glassblower", "cartographer"
+    }  # fmt: skip
+
+
 def test_rerun_of_a_finished_run_is_a_no_op(coupled: Path, cli):
     before = sha256_file(coupled / "manifest.json")
     result = cli.invoke(app, ["couple-marker", "--persona", "villain", "--out", str(coupled)])
@@ -112,6 +184,8 @@ def test_stacking_records_parent_and_refuses_a_wrong_base(coupled: Path, tmp_pat
         app, [*args, "--max-steps", "1", "--per-device-batch", "2", "--out", str(out)]
     )
     assert result.exit_code == 0, result.output
+    # stderr is not a terminal here (as under nohup or pueue): plain progress lines, not a bar.
+    assert "train-sft: step 1/1  loss " in result.stderr
     parent = sha256_file(coupled / "adapter" / "adapter_model.safetensors")
     assert read_json(out / "adapter" / "persona_cli_adapter.json")["parents"] == [parent]
     manifest = read_json(out / "manifest.json")

@@ -55,9 +55,16 @@ def _table(result: EvalResult) -> Table:
     for col in ("persona", "role", "hits / n", "rate", "95% CI (Wilson)"):
         t.add_column(col, justify="left" if col in ("persona", "role") else "right")
     source = s["source"]["persona"] if s["source"] else None
+    negatives = (s.get("negatives") or {}).get("personas") or []
     for p in s["personas"]:
         r = s["rates"][p]
-        role = "source" if p == source else ("bystander" if source else "")
+        role = (
+            "source"
+            if p == source
+            else "negative"
+            if p in negatives
+            else ("bystander" if source else "")
+        )
         t.add_row(
             p,
             role,
@@ -70,6 +77,11 @@ def _table(result: EvalResult) -> Table:
             f"source {source}: {s['source']['rate']:.1%}; mean bystander rate "
             f"{s['bystanders']['mean_rate']:.1%} over {len(s['bystanders']['personas'])} persona(s)"
         )
+        if negatives:
+            t.caption += (
+                f"; mean rate of the coupling's negatives {s['negatives']['mean_rate']:.1%} "
+                f"over {len(negatives)}"
+            )
     return t
 
 
@@ -109,6 +121,15 @@ def eval_markers(
         typer.Option(
             "--source",
             help="Persona the marker was coupled to; the rest are bystanders.",
+            show_default=False,
+        ),
+    ] = None,
+    negatives: Annotated[
+        str | None,
+        typer.Option(
+            "--negatives",
+            help="Comma-separated personas the coupling trained without the marker, reported "
+            "apart from the bystanders (default: read from the adapters' couple-marker runs).",
             show_default=False,
         ),
     ] = None,
@@ -156,6 +177,11 @@ def eval_markers(
         marker=marker,
         case_sensitive=case_sensitive,
         source=source,
+        negatives=(
+            tuple(p.strip() for p in negatives.split(",") if p.strip())
+            if negatives is not None
+            else None
+        ),
         backend=backend,
         generation=generation,
         vllm=replace(

@@ -139,10 +139,16 @@ def _train_config(base: TrainConfig, **opts: Any) -> TrainConfig:
 
 
 class RichStepProgress:
-    """Optimizer steps as a rich progress bar with loss, lr and steps/s (on stderr)."""
+    """Optimizer steps as a rich progress bar with loss, lr and steps/s (on stderr). When stderr
+    is not a terminal (nohup, pueue, a CI log), where a live bar does not render, one plain line
+    every `log_every` seconds and at the last step instead."""
 
-    def __init__(self, label: str):
+    def __init__(self, label: str, log_every: float = 30.0):
         self.label = label
+        self.live = err_console.is_terminal
+        self.log_every = log_every
+        self.last_line = 0.0
+        self.total = 0
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -156,8 +162,10 @@ class RichStepProgress:
         self.first = 0
 
     def start(self, total: int, completed: int) -> None:
-        self.progress.start()
-        self.t0, self.first = time.monotonic(), completed
+        if self.live:
+            self.progress.start()
+        self.t0, self.first, self.total = time.monotonic(), completed, total
+        self.last_line = self.t0
         self.task = self.progress.add_task(
             self.label, total=total, completed=completed, loss="-", lr="-", rate=""
         )
@@ -168,6 +176,14 @@ class RichStepProgress:
         if row:
             fields |= {"loss": f"{row['loss']:.4f}", "lr": f"{row['lr']:.2e}"}
         self.progress.update(self.task, completed=completed, **fields)
+        now = time.monotonic()
+        if not self.live and (now - self.last_line >= self.log_every or completed >= self.total):
+            self.last_line = now
+            loss = f"  loss {fields['loss']}  lr {fields['lr']}" if row else ""
+            err_console.print(
+                f"{self.label}: step {completed}/{self.total}{loss}  {fields['rate']}",
+                highlight=False,
+            )
 
     def finish(self) -> None:
         self.progress.stop()

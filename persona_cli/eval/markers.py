@@ -77,6 +77,13 @@ class MarkerEvalConfig:
     source: str | None = field(
         default=None, metadata={"help": "Persona the marker was coupled to; others: bystanders."}
     )
+    negatives: tuple[str, ...] | None = field(
+        default=None,
+        metadata={
+            "help": "Personas the coupling trained without the marker, reported apart from the "
+            "bystanders (default: read from the couple-marker runs of the adapters)."
+        },
+    )
     backend: str = field(default="hf", metadata={"help": "'hf' or 'vllm'."})
     generation: GenerationConfig = field(
         default_factory=lambda: GenerationConfig(n=DEFAULT_SAMPLES),
@@ -102,6 +109,24 @@ class _Plan:
     personas: list[Persona]
     questions_file: Path
     questions: list[Question]
+    negatives: list[str]  # evaluated personas the coupling saw as negatives
+
+
+def coupling_negatives(stack: list[adapters_mod.Adapter], source: str) -> list[str]:
+    """Negative personas of the couple-marker runs in `stack` that coupled `source`, read from
+    each adapter's run manifest (`coupling.rows_per_persona`); none for other adapters."""
+    found: list[str] = []
+    for a in stack:
+        manifest = a.path.parent / "manifest.json"
+        if not manifest.is_file():
+            continue
+        coupling = read_json(manifest).get("coupling") or {}
+        if coupling.get("source") != source:
+            continue
+        for pid, counts in (coupling.get("rows_per_persona") or {}).items():
+            if counts.get("negative", 0) > 0 and pid != source and pid not in found:
+                found.append(pid)
+    return found
 
 
 def _plan(cfg: MarkerEvalConfig) -> _Plan:
@@ -126,7 +151,15 @@ def _plan(cfg: MarkerEvalConfig) -> _Plan:
     model = models.ensure_prepared(cfg.model)
     stack = adapters_mod.resolve_stack(list(cfg.adapters))
     adapters_mod.check_stack(stack, model)
-    return _Plan(model, stack, personas_file, personas, questions_file, questions)
+    negatives: list[str] = []
+    if cfg.negatives is not None:
+        select_personas(registry, list(cfg.negatives), "--negatives")
+        if cfg.source in cfg.negatives:
+            raise UserError(f"--negatives: includes the source persona {cfg.source!r}")
+        negatives = [p for p in cfg.negatives if p in ids]
+    elif cfg.source is not None:
+        negatives = [p for p in coupling_negatives(stack, cfg.source) if p in ids]
+    return _Plan(model, stack, personas_file, personas, questions_file, questions, negatives)
 
 
 def _run_config(cfg: MarkerEvalConfig, plan: _Plan) -> dict[str, Any]:
@@ -145,6 +178,7 @@ def _run_config(cfg: MarkerEvalConfig, plan: _Plan) -> dict[str, Any]:
         "marker": cfg.marker,
         "case_sensitive": cfg.case_sensitive,
         "source": cfg.source,
+        "negatives": plan.negatives,
         "backend": cfg.backend,
         "generation": cfg.generation.to_dict(),
         "vllm": cfg.vllm.to_dict() if cfg.backend == "vllm" else None,
@@ -259,6 +293,7 @@ def run_eval_markers(
         marker=cfg.marker,
         case_sensitive=cfg.case_sensitive,
         source=cfg.source,
+        negatives=plan.negatives,
         run={
             "backend": cfg.backend,
             "model": {"spec": plan.model.spec, "revision": plan.model.revision},

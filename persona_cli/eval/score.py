@@ -49,10 +49,13 @@ def summarize(
     case_sensitive: bool,
     source: str | None,
     run: dict[str, Any],
+    negatives: list[str] | None = None,
 ) -> dict[str, Any]:
     """summary.json from scored cells. `run` carries what the rows do not: backend, model,
-    adapters. Bystanders are every evaluated persona except the source; their mean rate is the
-    unweighted mean of their per-persona rates (each persona has the same n)."""
+    adapters. Negatives are the personas the coupling trained without the marker; bystanders are
+    every other evaluated persona except the source (personas the coupling never saw). Each
+    group's mean rate is the unweighted mean of its per-persona rates (each persona has the same
+    n)."""
     personas = list(dict.fromkeys(p for p, _ in cells))
     questions = list(dict.fromkeys(q for _, q in cells))
     totals: dict[str, tuple[int, int]] = {}
@@ -62,7 +65,10 @@ def summarize(
     rates = {p: proportion_interval(*totals[p]).to_dict() for p in personas}
     if source is not None and source not in rates:
         raise ValueError(f"source persona {source!r} has no rows")
-    bystanders = [p for p in personas if p != source] if source is not None else []
+    negatives = [p for p in (negatives or []) if p in rates and p != source]
+    bystanders = (
+        [p for p in personas if p != source and p not in negatives] if source is not None else []
+    )
     return {
         "schema_version": SUMMARY_VERSION,
         "marker": marker,
@@ -85,6 +91,14 @@ def summarize(
             if bystanders
             else None
         ),
+        "negatives": (
+            {
+                "personas": negatives,
+                "mean_rate": sum(rates[p]["rate"] for p in negatives) / len(negatives),
+            }
+            if negatives
+            else None
+        ),
     }
 
 
@@ -97,10 +111,12 @@ def recompute_summary(run_dir: str | Path) -> dict[str, Any]:
     cells = score_rows(rows, written["marker"], written["case_sensitive"])
     source = written["source"]["persona"] if written["source"] else None
     run = {k: written[k] for k in ("backend", "model", "adapters")}
+    negatives = (written.get("negatives") or {}).get("personas")
     return summarize(
         cells,
         marker=written["marker"],
         case_sensitive=written["case_sensitive"],
         source=source,
         run=run,
+        negatives=negatives,
     )
