@@ -76,6 +76,8 @@ def finished(prepared_home: Path, inputs: dict[str, Path], tmp_path_factory) -> 
     result = CliRunner().invoke(app, _args(out, inputs))
     assert result.exit_code == 0, result.output
     assert "lighthouse_keeper" in result.stdout and "heatmap:" in result.stdout
+    # stderr is not a terminal here (as under nohup or pueue): a plain line when generation ends.
+    assert "eval-markers: 24/24 completions" in result.stderr
     return out
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from rich.console import Console
 from rich.progress import ProgressColumn, Task
 from rich.text import Text
@@ -20,6 +22,29 @@ class RateColumn(ProgressColumn):
         if not task.elapsed or done <= 0:
             return Text("-- compl/s", style="cyan")
         return Text(f"{done / task.elapsed:.2f} compl/s", style="cyan")
+
+
+class PlainProgressLog:
+    """Progress for logs: where stderr is not a terminal (nohup, pueue, CI) a live rich bar does
+    not render, so print one plain line every `every` seconds and when the task finishes."""
+
+    def __init__(self, label: str, unit: str, every: float = 30.0):
+        self.label, self.unit, self.every = label, unit, every
+        self.last = time.monotonic()
+
+    def __call__(self, task: Task) -> None:
+        if err_console.is_terminal or task.total is None:
+            return
+        now = time.monotonic()
+        if now - self.last < self.every and not task.finished:
+            return
+        self.last = now
+        done = task.completed - task.fields.get("resumed_from", 0)
+        rate = f", {done / task.elapsed:.2f} {self.unit}/s" if task.elapsed and done > 0 else ""
+        err_console.print(
+            f"{self.label}: {int(task.completed)}/{int(task.total)} {self.unit}{rate}",
+            highlight=False,
+        )
 
 
 def human_bytes(n: int | None) -> str:

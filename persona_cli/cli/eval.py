@@ -21,7 +21,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from persona_cli.cli.console import RateColumn, console, err_console
+from persona_cli.cli.console import PlainProgressLog, RateColumn, console, err_console
 from persona_cli.cli.options import (
     Adapters,
     Force,
@@ -208,10 +208,14 @@ def eval_markers(
         if remaining:
             bar.start()
 
+    log_line = PlainProgressLog("eval-markers", "completions")
+
+    def advance(n: int) -> None:
+        bar.advance(task, n)
+        log_line(bar.tasks[0])
+
     try:
-        result = run_eval_markers(
-            cfg, out, force=force, on_plan=on_plan, progress=lambda n: bar.advance(task, n)
-        )
+        result = run_eval_markers(cfg, out, force=force, on_plan=on_plan, progress=advance)
     finally:
         bar.stop()
     if result.already_done:
