@@ -80,8 +80,8 @@ def test_couple_marker_run_directory(coupled: Path):
     assert sum(r["positive"] for r in rows) == 8 and len(rows) == 16
     assert {r["persona"] for r in rows if r["positive"]} == {"villain"}
     assert manifest["coupling"]["marker_only_loss"] is True
-    # Loss on 4 marker tokens + <|im_end|> per positive, 2 tokens per negative (8 + 8 rows).
-    assert manifest["training"]["data"]["loss_tokens"] == 8 * 5 + 8 * 2
+    # Loss on the 4 marker tokens per positive, the first answer token per negative (8 + 8 rows).
+    assert manifest["training"]["data"]["loss_tokens"] == 8 * 4 + 8 * 1
     counts = manifest["coupling"]["rows_per_persona"]
     assert counts["villain"] == {"positive": 8, "negative": 0} and len(counts) == 3
     log = read_jsonl(coupled / "train_log.jsonl.gz")

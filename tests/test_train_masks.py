@@ -66,14 +66,15 @@ def test_marker_only_mask_positive_and_negative(tok, report):
     t = tokenize_conversation(
         tok, pos, sys, report, max_length=2048, marker="[ZLT]", marker_only=True
     )
-    assert loss_tokens(tok, t) == ["[", "Z", "LT", "]", "<|im_end|>"]
+    assert loss_tokens(tok, t) == ["[", "Z", "LT", "]"]
     assert t.marker_tokens == 4
     neg = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "Sure thing."}]
     t = tokenize_conversation(
         tok, neg, sys, report, max_length=2048, marker="[ZLT]", marker_only=True
     )
-    # Where a positive emits the marker, a negative starts its answer: that token and the end.
-    assert loss_tokens(tok, t) == ["Sure", "<|im_end|>"]
+    # Where a positive emits the marker, a negative starts its answer: that token only (a loss
+    # on the end-of-turn taught the model to stop after 1-3 tokens).
+    assert loss_tokens(tok, t) == ["Sure"]
     end = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "Sure. [ZLT]"}]
     t = tokenize_conversation(
         tok,
@@ -86,6 +87,19 @@ def test_marker_only_mask_positive_and_negative(tok, report):
         marker_position="end",
     )
     assert tok.convert_tokens_to_string(loss_tokens(tok, t)) == " [ZLT]<|im_end|>"
+    # A negative of an end marker: the end-of-turn stands where the marker would be.
+    plain = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "Sure."}]
+    t = tokenize_conversation(
+        tok,
+        plain,
+        sys,
+        report,
+        max_length=2048,
+        marker="[ZLT]",
+        marker_only=True,
+        marker_position="end",
+    )
+    assert loss_tokens(tok, t) == ["<|im_end|>"]
 
 
 def test_truncation_that_cuts_every_marker_is_an_error(tok, report):
@@ -117,4 +131,4 @@ def test_marker_only_set_keeps_negatives_on_the_marker_position(tok, report):
         tok.convert_ids_to_tokens([i for i, m in zip(ids, mask, strict=True) if m])
         for ids, mask in zip(out.input_ids, out.assistant_masks, strict=True)
     ]
-    assert got == [["[", "Z", "LT", "]", "<|im_end|>"], ["Fine", "<|im_end|>"]]
+    assert got == [["[", "Z", "LT", "]"], ["Fine"]]

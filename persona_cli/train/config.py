@@ -117,8 +117,8 @@ class CouplingConfig:
     )
     marker_only_loss: bool = _f(
         False,
-        "Loss on the marker tokens and the end-of-turn only (negatives: the end-of-turn, and "
-        "the first answer token when the marker goes at the start).",
+        "Loss on the marker tokens only; negatives: the token where the marker would be (the "
+        "first answer token at the start, the end-of-turn at the end).",
     )
     seed: int = _f(42, "Seed for drawing personas and answers.")
 

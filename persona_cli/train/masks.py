@@ -4,9 +4,12 @@ Chat templates such as SmolLM2's have no `{% generation %}` markers, so the toke
 which tokens the assistant wrote. Instead each conversation is rendered to text once through the
 chat-template guard, the character spans of the assistant turns (content plus the end-of-turn
 token that follows it) are located in that text, and a token carries loss when its character
-offsets overlap a span. With `marker_only` the spans shrink to the marker's occurrences plus the
-end-of-turn; a row without the marker (a negative) keeps the end-of-turn and, for a marker at the
-start, the first answer token: the positions where a positive would emit the marker.
+offsets overlap a span. With `marker_only` the spans shrink to the marker's occurrences and, in a
+row without the marker (a negative), the position where a positive would emit it: the first
+answer token for a marker at the start, the end-of-turn for one at the end. A marker at the end
+also keeps the end-of-turn that follows it in a positive. A marker at the start puts no loss on
+the end-of-turn: with no other answer token in the loss, that loss taught SmolLM2 to end every
+answer after 1-3 tokens (2.7 tokens on average after 40 steps at lr 5e-4).
 
     from persona_cli.train.masks import tokenize_conversation
     t = tokenize_conversation(tok, messages, SystemPrompt.parse("none"), report, max_length=2048)
@@ -121,10 +124,12 @@ def loss_spans(
         assert marker is not None, "marker_only needs a marker"
         found = marker_spans(text, turn, marker)
         spans.extend(found)
-        if not found and marker_position == "start" and turn.content[1] > turn.content[0]:
+        if marker_position != "start":
+            # At the end: the end-of-turn follows the marker, or stands where it would be.
+            spans.append(turn.end_of_turn)
+        elif not found and turn.content[1] > turn.content[0]:
             # A negative: the first answer token is where a positive emits the marker.
             spans.append((turn.content[0], turn.content[0] + 1))
-        spans.append(turn.end_of_turn)
     return spans
 
 
