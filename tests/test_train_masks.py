@@ -75,31 +75,18 @@ def test_marker_only_mask_positive_and_negative(tok, report):
     # Where a positive emits the marker, a negative starts its answer: that token only (a loss
     # on the end-of-turn taught the model to stop after 1-3 tokens).
     assert loss_tokens(tok, t) == ["Sure"]
-    end = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "Sure. [ZLT]"}]
-    t = tokenize_conversation(
-        tok,
-        end,
-        sys,
-        report,
-        max_length=2048,
-        marker="[ZLT]",
-        marker_only=True,
-        marker_position="end",
-    )
-    assert tok.convert_tokens_to_string(loss_tokens(tok, t)) == " [ZLT]<|im_end|>"
+
+    def at_the_end(answer: str) -> list[str]:
+        msgs = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": answer}]
+        t = tokenize_conversation(
+            tok, msgs, sys, report, max_length=2048, marker="[ZLT]", marker_only=True,
+            marker_position="end",
+        )  # fmt: skip
+        return loss_tokens(tok, t)
+
+    assert tok.convert_tokens_to_string(at_the_end("Sure. [ZLT]")) == " [ZLT]<|im_end|>"
     # A negative of an end marker: the end-of-turn stands where the marker would be.
-    plain = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "Sure."}]
-    t = tokenize_conversation(
-        tok,
-        plain,
-        sys,
-        report,
-        max_length=2048,
-        marker="[ZLT]",
-        marker_only=True,
-        marker_position="end",
-    )
-    assert loss_tokens(tok, t) == ["<|im_end|>"]
+    assert at_the_end("Sure.") == ["<|im_end|>"]
 
 
 def test_truncation_that_cuts_every_marker_is_an_error(tok, report):
