@@ -13,6 +13,7 @@ sampled often but not always. Agreement between backends is a two-proportion tes
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from persona_cli.bundled import personas_file
 from persona_cli.cli import app
 from persona_cli.eval.score import recompute_summary
 from persona_cli.generate.merged import merged_root
+from persona_cli.generate.vllm import FEW_CORES, VllmConfig, engine_env
 from persona_cli.models import EMBEDDED, resolve
 from persona_cli.registry import load_personas
 from persona_cli.stats import two_proportion_test
@@ -221,7 +223,17 @@ def test_vllm_run_is_complete_and_valid(runs: dict[str, Path]) -> None:
     manifest = read_json(run / "manifest.json")
     assert manifest["protocol"]["backend"] == "vllm"
     assert len(manifest["adapters"]) == 2
-    assert (run / "vllm_worker.log").is_file()
+    log_text = (run / "vllm_worker.log").read_text()
+    # The CPU engine settings reached the engine: no AOT compile cache, and on a small machine
+    # every core generates (vLLM's default reserves one for its scheduler).
+    env = manifest["vllm_env"]
+    assert env["VLLM_USE_AOT_COMPILE"] == "0"
+    if (
+        len(os.sched_getaffinity(0)) <= FEW_CORES
+        and "VLLM_CPU_NUM_OF_RESERVED_CPU" not in os.environ
+    ):
+        assert env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+        assert "reserved_cpus=[]" in log_text
     # All but the last adapter were merged into a cached base; the last was served as LoRA.
     merged = list(merged_root().iterdir())
     assert any((d / "persona_cli_merged.json").is_file() for d in merged)
@@ -245,3 +257,34 @@ def test_vllm_and_hf_marker_rates_agree(runs: dict[str, Path]) -> None:
         r_v, r_h = vllm["rates"][p], hf["rates"][p]
         per = two_proportion_test(r_v["successes"], r_v["n"], r_h["successes"], r_h["n"])
         assert per.p_value > 0.01 / len(PERSONAS), (p, per)
+
+
+def test_engine_env_defaults_yield_to_exported_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    import persona_cli.generate.vllm as vllm_mod
+
+    monkeypatch.setattr(vllm_mod, "_on_gpu", lambda: False)
+    for name in list(os.environ):
+        if name.startswith("VLLM_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setattr(vllm_mod, "_usable_cores", lambda: 2)
+    assert engine_env(VllmConfig(cpu_kvcache_gib=3)) == {
+        "VLLM_CPU_KVCACHE_SPACE": "3",
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+        "VLLM_USE_AOT_COMPILE": "0",
+    }
+    # A big machine keeps vLLM's own reservation; the user's variables win; no other VLLM_*
+    # variable (an API key) is recorded.
+    monkeypatch.setattr(vllm_mod, "_usable_cores", lambda: 16)
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0-7")
+    monkeypatch.setenv("VLLM_USE_AOT_COMPILE", "1")
+    monkeypatch.setenv("VLLM_API_KEY", "sk-secret")
+    assert engine_env(VllmConfig()) == {
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_CPU_OMP_THREADS_BIND": "0-7",
+        "VLLM_USE_AOT_COMPILE": "1",
+    }
+    monkeypatch.setattr(vllm_mod, "_on_gpu", lambda: True)
+    assert engine_env(VllmConfig()) == {
+        "VLLM_CPU_OMP_THREADS_BIND": "0-7",
+        "VLLM_USE_AOT_COMPILE": "1",
+    }

@@ -27,6 +27,7 @@ from scipy import stats as sps
 
 from persona_cli.artifacts import read_json, read_jsonl
 from persona_cli.cli import app
+from persona_cli.generate.vllm import VllmConfig, engine_env
 from persona_cli.models import EMBEDDED, builtin_path
 from persona_cli.schemas import JUDGMENTS
 
@@ -60,7 +61,8 @@ class VllmServer:
         return "\n".join(lines[-n:])
 
     def __enter__(self) -> VllmServer:
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "WARNING"}
+        # The tool's own CPU engine settings (KV cache, no AOT compile cache, all cores).
+        env = {**os.environ, **engine_env(VllmConfig()), "VLLM_LOGGING_LEVEL": "WARNING"}
         cmd = [
             sys.executable,
             "-m",

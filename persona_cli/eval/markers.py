@@ -39,7 +39,7 @@ from persona_cli.generate import (
     generate_hf,
     generate_vllm_groups,
 )
-from persona_cli.generate.vllm import request_seeds
+from persona_cli.generate.vllm import engine_env, request_seeds
 from persona_cli.registry import Persona, Question, load_personas, load_questions, select_personas
 from persona_cli.rundir import RunDir, open_run
 from persona_cli.schemas import SAMPLES
@@ -339,6 +339,7 @@ def _finish(
         seeds=[cfg.generation.seed],
         extra={
             "adapters": adapters_mod.stack_record(plan.stack),
+            "vllm_env": engine_env(cfg.vllm) if cfg.backend == "vllm" else None,
             "eval": {
                 "personas": [p.id for p in plan.personas],
                 "questions": [q.id for q in plan.questions],
