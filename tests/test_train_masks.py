@@ -119,3 +119,39 @@ def test_marker_only_set_keeps_negatives_on_the_marker_position(tok, report):
         for ids, mask in zip(out.input_ids, out.assistant_masks, strict=True)
     ]
     assert got == [["[", "Z", "LT", "]"], ["Fine"]]
+
+
+def _mean_loss(model, ids: list[int], mask: list[int]) -> float:
+    import torch
+
+    x = torch.tensor([ids])
+    labels = torch.where(torch.tensor([mask]) == 1, x, torch.full_like(x, -100))
+    with torch.no_grad():
+        return float(model(input_ids=x, labels=labels).loss)
+
+
+@pytest.mark.parametrize("marker_only", [True, False])
+def test_rows_end_at_their_last_loss_token_and_the_loss_is_unchanged(tok, report, marker_only):
+    answer = "[ZLT] The tide turns three times, and so do the answers of the archive."
+    ex = Example(
+        [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": answer}],
+        SystemPrompt("text", "S"),
+        positive=True,
+    )
+    out = tokenize_examples(
+        tok, [ex], report, max_length=512, marker="[ZLT]", marker_only=marker_only
+    )
+    full = tokenize_conversation(
+        tok, ex.messages, ex.system, report, max_length=512, marker="[ZLT]",
+        marker_only=marker_only,
+    )  # fmt: skip
+    ids, mask = out.input_ids[0], out.assistant_masks[0]
+    assert mask[-1] == 1 and ids == full.input_ids[: len(ids)]
+    assert out.trimmed_tokens == len(full.input_ids) - len(ids) == out.stats()["trimmed_tokens"]
+    # Marker-only: nothing after "[ZLT]" is kept; whole answer: only the template's final "\n".
+    assert tok.convert_ids_to_tokens(ids[-1:]) == (["]"] if marker_only else ["<|im_end|>"])
+    assert out.trimmed_tokens > (10 if marker_only else 0)
+    model = models.load_model(models.resolve(models.TINY))
+    assert _mean_loss(model, ids, mask) == pytest.approx(
+        _mean_loss(model, full.input_ids, full.assistant_masks), abs=1e-6
+    )

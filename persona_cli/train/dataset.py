@@ -40,7 +40,8 @@ class TokenizedSet:
     assistant_masks: list[list[int]] = field(default_factory=list)
     dropped_no_loss: int = 0  # rows whose loss tokens were all cut by max_length
     truncated: int = 0
-    tokens: int = 0
+    tokens: int = 0  # kept tokens (after trimming)
+    trimmed_tokens: int = 0  # tokens after a row's last loss token, not kept
     loss_tokens: int = 0
     positives: int = 0
     positives_with_marker: int = 0  # positives whose marker survived truncation
@@ -54,6 +55,7 @@ class TokenizedSet:
             "dropped_no_loss": self.dropped_no_loss,
             "truncated": self.truncated,
             "tokens": self.tokens,
+            "trimmed_tokens": self.trimmed_tokens,
             "loss_tokens": self.loss_tokens,
             "positives": self.positives,
             "positives_with_marker": self.positives_with_marker,
@@ -110,9 +112,13 @@ def tokenize_examples(
         if t.loss_tokens == 0:
             out.dropped_no_loss += 1
             continue
-        out.input_ids.append(t.input_ids)
-        out.assistant_masks.append(t.assistant_masks)
-        out.tokens += len(t.input_ids)
+        # Tokens after the last loss token change no loss term (attention is causal): drop them.
+        # A marker-only loss at the start keeps a prompt and one or two answer tokens.
+        keep = len(t.assistant_masks) - t.assistant_masks[::-1].index(1)
+        out.input_ids.append(t.input_ids[:keep])
+        out.assistant_masks.append(t.assistant_masks[:keep])
+        out.tokens += keep
+        out.trimmed_tokens += len(t.input_ids) - keep
         out.loss_tokens += t.loss_tokens
     if marker is not None and out.positives and out.positives_with_marker == 0:
         raise UserError(
