@@ -88,6 +88,10 @@ def pool(prepared_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("teacher") / "pool"
     result = invoke(*cli_args(out))
     assert result.exit_code == 0, result.output
+    # Not a terminal here: the bar's last plain log line per kind of work.
+    total = ARGS["n_problems"] * ARGS["generations"] * ARGS["steps"]
+    for kind in ("generated", "graded"):
+        assert f"probe teacher-pool {kind}: {total}/{total} completions" in result.stderr
     return out
 
 

@@ -11,17 +11,9 @@ from dataclasses import replace
 from typing import Annotated
 
 import typer
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 from rich.table import Table
 
-from persona_cli.cli.console import PlainProgressLog, RateColumn, console, err_console
+from persona_cli.cli.console import CompletionBar, console
 from persona_cli.cli.options import (
     Adapters,
     Force,
@@ -191,33 +183,14 @@ def eval_markers(
             cpu_kvcache_gib=cpu_kvcache_gib,
         ),
     )
-    bar = Progress(
-        TextColumn("generating"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        RateColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=err_console,
-    )
-    task = bar.add_task("generating", total=None)
-
-    def on_plan(total: int, remaining: int) -> None:
-        # Shown only once there is work: a finished run prints no empty bar.
-        bar.reset(task, total=total, completed=total - remaining, resumed_from=total - remaining)
-        if remaining:
-            bar.start()
-
-    log_line = PlainProgressLog("eval-markers", "completions")
-
-    def advance(n: int) -> None:
-        bar.advance(task, n)
-        log_line(bar.tasks[0])
-
-    try:
-        result = run_eval_markers(cfg, out, force=force, on_plan=on_plan, progress=advance)
-    finally:
-        bar.stop()
+    with CompletionBar(["generating"], "eval-markers") as bar:
+        result = run_eval_markers(
+            cfg,
+            out,
+            force=force,
+            on_plan=bar.plan,
+            progress=lambda n: bar.advance("generating", n),
+        )
     if result.already_done:
         report_done(result.run)
     console.print(_table(result))

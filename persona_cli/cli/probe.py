@@ -27,12 +27,11 @@ from rich.progress import (
     MofNCompleteColumn,
     Progress,
     TextColumn,
-    TimeElapsedColumn,
     TimeRemainingColumn,
 )
 from rich.table import Table
 
-from persona_cli.cli.console import RateColumn, console, err_console
+from persona_cli.cli.console import CompletionBar, console, err_console
 from persona_cli.cli.options import Adapters, Force, OutDir, say_already_done
 from persona_cli.errors import EXIT_CHECK_FAILED, UserError
 from persona_cli.generate.config import GenerationConfig
@@ -170,34 +169,8 @@ def teacher_pool(
     )
     if hint is not None:  # "none" is a choice (no hint), so it cannot mean "unset"
         config = replace(config, hint=None if hint == "none" else hint)
-    bar = Progress(
-        TextColumn("{task.description:<10}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        RateColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=err_console,
-    )
-    tasks = {kind: bar.add_task(kind, total=None) for kind in ("generated", "graded")}
-
-    def on_plan(total: int, remaining: int) -> None:
-        for task in tasks.values():
-            done = total - remaining
-            bar.reset(task, total=total, completed=done, resumed_from=done)
-        if remaining:
-            bar.start()
-
-    try:
-        result = run_teacher_pool(
-            config,
-            out,
-            force=force,
-            on_plan=on_plan,
-            progress=lambda kind, n: bar.advance(tasks[kind], n),
-        )
-    finally:
-        bar.stop()
+    with CompletionBar(["generated", "graded"], "probe teacher-pool") as bar:
+        result = run_teacher_pool(config, out, force=force, on_plan=bar.plan, progress=bar.advance)
     if result.already_done:
         say_already_done(result.run.path)
     elif result.reused_steps:

@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from persona_cli import bundled
-from persona_cli.cli.console import console, err_console
+from persona_cli.cli.console import LogThrottle, console, err_console
 from persona_cli.cli.options import (
     Adapters,
     Force,
@@ -146,8 +146,7 @@ class RichStepProgress:
     def __init__(self, label: str, log_every: float = 30.0):
         self.label = label
         self.live = err_console.is_terminal
-        self.log_every = log_every
-        self.last_line = 0.0
+        self.log_lines = LogThrottle(log_every)
         self.total = 0
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
@@ -165,7 +164,7 @@ class RichStepProgress:
         if self.live:
             self.progress.start()
         self.t0, self.first, self.total = time.monotonic(), completed, total
-        self.last_line = self.t0
+        self.log_lines.last = self.t0
         self.task = self.progress.add_task(
             self.label, total=total, completed=completed, loss="-", lr="-", rate=""
         )
@@ -176,9 +175,7 @@ class RichStepProgress:
         if row:
             fields |= {"loss": f"{row['loss']:.4f}", "lr": f"{row['lr']:.2e}"}
         self.progress.update(self.task, completed=completed, **fields)
-        now = time.monotonic()
-        if not self.live and (now - self.last_line >= self.log_every or completed >= self.total):
-            self.last_line = now
+        if self.log_lines.due(finished=completed >= self.total):
             loss = f"  loss {fields['loss']}  lr {fields['lr']}" if row else ""
             err_console.print(
                 f"{self.label}: step {completed}/{self.total}{loss}  {fields['rate']}",
