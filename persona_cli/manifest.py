@@ -43,6 +43,11 @@ TRACKED_PACKAGES = (
 )
 
 SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL)", re.IGNORECASE)
+# An option whose value is secret (`--token`, `--api-key`), not a count of tokens
+# (`--max-new-tokens`) nor the name of the variable that holds a key (`--api-key-env`).
+SECRET_OPTION = re.compile(
+    r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL)(?!S\b|[-_]ENV\b)", re.IGNORECASE
+)
 REDACTED = "***"
 
 
@@ -164,7 +169,7 @@ def redact_argv(argv: list[str], secrets: list[str] | None = None) -> list[str]:
             out.append(REDACTED)
             hide_next = False
             continue
-        if arg.startswith("--") and SECRET_NAME.search(arg.split("=", 1)[0]):
+        if arg.startswith("--") and SECRET_OPTION.search(arg.split("=", 1)[0]):
             if "=" in arg:
                 out.append(arg.split("=", 1)[0] + "=" + REDACTED)
             else:

@@ -95,12 +95,24 @@ def test_manifest_contents(tmp_path: Path) -> None:
 def test_argv_redaction_hides_env_secrets() -> None:
     secret = "sk-test-0123456789abcdef"
     argv = ["persona-cli", f"--url=http://x?key={secret}", "--token=abc12345", "--name", "v"]
+    argv += ["--api-key", "abcdefgh", "--hf-token", "hf_abcdefgh"]
+    # Counts of tokens and the name of a key's variable are what went in, not secrets.
+    argv += ["--max-new-tokens", "12", "--answer-max-new-tokens=4", "--api-key-env", "MY_KEY"]
     assert redact_argv(argv, secrets=[secret]) == [
         "persona-cli",
         "--url=http://x?key=***",
         "--token=***",
         "--name",
         "v",
+        "--api-key",
+        "***",
+        "--hf-token",
+        "***",
+        "--max-new-tokens",
+        "12",
+        "--answer-max-new-tokens=4",
+        "--api-key-env",
+        "MY_KEY",
     ]
 
 
