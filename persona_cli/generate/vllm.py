@@ -196,7 +196,8 @@ def generate_vllm_groups(
     caller can persist it before the next group runs. Returns each group's completions, ordered
     by (prompt_index, sample_index) within the group. A failing worker raises `UserError`
     quoting its last error line and naming its log file. `timings`, when given, receives the
-    worker's `engine_start_s` and `generate_s` (benchmarks separate the two).
+    worker's `engine_start_s`, `generate_s` and each group's `group_I_s` (benchmarks separate
+    engine start and generation).
     """
     engine = engine or VllmConfig()
     results: list[list[Completion] | None] = [None] * len(groups)
@@ -238,6 +239,8 @@ def generate_vllm_groups(
                             i = int(event["index"])
                             rows = read_jsonl(event["path"])
                             results[i] = [Completion(**row) for row in rows]
+                            if timings is not None:
+                                timings[f"group_{i}_s"] = event["seconds"]
                             if on_group is not None:
                                 on_group(i, results[i])
                         elif event["event"] == "ready":

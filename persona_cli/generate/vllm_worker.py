@@ -6,10 +6,10 @@ Started by `persona_cli.generate.vllm.generate_vllm_groups`; by hand (for debugg
 
 Events (one JSON object per line on file descriptor EVENT_FD): `{"event": "ready", "seconds"}`
 once the engine is up, `{"event": "progress", "n"}` as completions finish, and
-`{"event": "group", "index", "path"}` when group `index`'s completions are written (atomically,
-gzipped JSONL of `Completion` fields) to `path`, and `{"event": "done", "seconds"}` (time spent
-generating, engine start excluded) at the end. The `__main__` guard matters: vLLM spawns its
-engine and workers, which re-import this module.
+`{"event": "group", "index", "path", "seconds"}` when group `index`'s completions are written
+(atomically, gzipped JSONL of `Completion` fields) to `path` after `seconds` of generation,
+and `{"event": "done", "seconds"}` (time spent generating, engine start excluded) at the end.
+The `__main__` guard matters: vLLM spawns its engine and workers, which re-import this module.
 """
 
 from __future__ import annotations
@@ -93,6 +93,7 @@ def run(request: dict[str, Any], events: _Events) -> None:
     bar = _progress_bar(events)
     generating = time.monotonic()
     for index, prompts in enumerate(request["groups"]):
+        group_started = time.monotonic()
         # Token ids, not text: vLLM would add a BOS token to text that the chat template
         # already starts with; hf tokenizes the same way (add_special_tokens=False).
         inputs = [
@@ -126,7 +127,8 @@ def run(request: dict[str, Any], events: _Events) -> None:
                 )
         path = out_dir / f"group_{index:05d}.jsonl.gz"
         write_jsonl(path, rows)
-        events.send(event="group", index=index, path=str(path))
+        seconds = round(time.monotonic() - group_started, 3)
+        events.send(event="group", index=index, path=str(path), seconds=seconds)
     events.send(event="done", seconds=round(time.monotonic() - generating, 3))
 
 
