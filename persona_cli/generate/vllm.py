@@ -166,9 +166,9 @@ def engine_env(engine: VllmConfig) -> dict[str, str]:
 def _worker_env(engine: VllmConfig) -> dict[str, str]:
     env = {**os.environ, **engine_env(engine)}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # vLLM logs to stdout, which is the log file here: block-buffered, so the engine processes'
-    # lines were lost when they were killed at shutdown or died (and with them the error the
-    # failure message quotes). Unbuffered, every line reaches the file as it is written.
+    # vLLM logs to stdout, which is the log file here, block-buffered by default: lines would
+    # reach it in 8 KB chunks (a running worker's log looks stalled) and a killed engine process
+    # would lose its last ones. Unbuffered, every line reaches the file as it is written.
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 
