@@ -28,7 +28,7 @@ from machine import cpu_name, git_commit, publish
 
 from persona_cli import bundled, models
 from persona_cli.chat_template import SystemPrompt, inspect_template, render
-from persona_cli.generate import GenerationConfig, generate_hf, generate_vllm_groups
+from persona_cli.generate import GenerationConfig, VllmConfig, generate_hf, generate_vllm_groups
 from persona_cli.generate.vllm import engine_env
 from persona_cli.registry import load_personas, load_questions
 
@@ -111,7 +111,7 @@ def main() -> None:
         return statistics.median(n / s for n, s, _ in runs[path])
 
     cmd = "python benchmarks/bench_eval.py " + " ".join(sys.argv[1:])
-    env = ", ".join(f"{k}={v}" for k, v in engine_env_record().items())
+    env = ", ".join(f"{k}={v}" for k, v in engine_env(VllmConfig()).items())
     lines = [
         "## eval-markers generation: hf batched vs hf one at a time vs vLLM",
         "",
@@ -149,12 +149,6 @@ def main() -> None:
         f"generation only (goal >= 2x); the engine start took {timings['engine_start_s']:.0f} s",
     ]
     publish("bench_eval", lines, write=args.write)
-
-
-def engine_env_record() -> dict[str, str]:
-    from persona_cli.generate.vllm import VllmConfig
-
-    return engine_env(VllmConfig())
 
 
 if __name__ == "__main__":

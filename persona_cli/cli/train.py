@@ -146,7 +146,8 @@ class RichStepProgress:
     def __init__(self, label: str, log_every: float = 30.0):
         self.label = label
         self.live = err_console.is_terminal
-        self.log_lines = LogThrottle(log_every)
+        self.log_every = log_every
+        self.log_lines: LogThrottle | None = None  # made at start()
         self.total = 0
         self.progress = Progress(
             TextColumn("[bold]{task.description}"),
@@ -164,7 +165,7 @@ class RichStepProgress:
         if self.live:
             self.progress.start()
         self.t0, self.first, self.total = time.monotonic(), completed, total
-        self.log_lines.last = self.t0
+        self.log_lines = LogThrottle(self.log_every)  # the first line comes log_every from now
         self.task = self.progress.add_task(
             self.label, total=total, completed=completed, loss="-", lr="-", rate=""
         )
@@ -175,6 +176,7 @@ class RichStepProgress:
         if row:
             fields |= {"loss": f"{row['loss']:.4f}", "lr": f"{row['lr']:.2e}"}
         self.progress.update(self.task, completed=completed, **fields)
+        assert self.log_lines is not None, "advance() before start()"
         if self.log_lines.due(finished=completed >= self.total):
             loss = f"  loss {fields['loss']}  lr {fields['lr']}" if row else ""
             err_console.print(
