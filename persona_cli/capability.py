@@ -13,13 +13,14 @@ on a pod with network, from the hub as `hf:allenai/ai2_arc:ARC-Challenge:test`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from persona_cli.artifacts import iter_jsonl
+from persona_cli.artifacts import iter_jsonl, sha256_json
 from persona_cli.chat_template import SystemPrompt, TemplateReport, render
 from persona_cli.errors import InputError, UserError
+from persona_cli.protocol import RunProtocol, details, method_protocol
 
 SCHEMA_VERSION = 1
 INSTRUCTION = "Answer with the letter of the correct option only."
@@ -60,6 +61,19 @@ def _item(row: dict[str, Any]) -> MCItem:
         labels=tuple(str(lab) for lab in row["choices"]["label"]),
         answer=str(row["answerKey"]),
     )
+
+
+SCORER = "letter-logprob"  # the option letter with the highest log-prob after the prompt
+
+
+def protocol(items: list[MCItem]) -> RunProtocol:
+    """The guarded fields of an eval-capability run: the items scored (their content, so a
+    --limit or another file differs), the scorer and its instruction."""
+    return method_protocol(
+        backend="hf",
+        item_set_sha256=sha256_json([asdict(i) for i in items]),
+        capability_scorer=SCORER,
+    ) | details(instruction=INSTRUCTION, n_items=len(items))
 
 
 def load_items(source: str, limit: int | None = None) -> list[MCItem]:

@@ -1,200 +1,414 @@
-"""The protocol guard: runs that differ in how they were produced are never silently compared.
+"""The protocol record: what defines how a run was produced, written once per run.
 
 The research log's retraction: one condition trained on 8 GPUs (effective batch 128, 47 optimizer
-steps) was compared with conditions trained on 1 GPU (batch 16, 375 steps). `protocol_of(run)`
-collects the fields that define a run's protocol from its manifest and, following the adapter
-stack, from the manifests of the training runs that produced its adapters; `check_protocols`
-lists every field whose values differ across the runs being compared, so `compare` can refuse
-(exit 3) unless the user declares the difference with `--allow-diff FIELD`.
+steps) was compared with conditions trained on 1 GPU (batch 16, 375 steps).
 
-Commands record their protocol in `manifest["protocol"]` with the canonical keys below
-(`training_protocol`, `generation_protocol`, `judge_protocol` build them); the question set,
-chat template and system prompt are read from the manifest's inputs and chat-template record.
+Every command passes one `RunProtocol` to `RunDir.finish`, built only by the helpers below
+(`training_protocol`, `generation_protocol`, `judge_protocol`, ...; combine them with `|`). Its
+`fields` are guarded: each key is one of `GUARDED_FIELDS`, so a field a command records is guarded
+by construction. Its `details` are recorded beside them and never compared (vLLM engine settings,
+completion counts, the OOM retry). `REQUIRED_FIELDS` lists per command the fields its manifest
+must yield; `RunDir.finish` refuses to write a manifest without them, so a command that stops
+recording one fails in every test that runs it. The manifest holds the fields at the top of
+`protocol` and the details under `protocol.details` (manifest schema 2).
+
+`recorded_fields(manifest)` is the one place a manifest's fields are read: schema 2 directly,
+schema 1 (the first release: sampling settings nested under `protocol.generation`, guarded and
+other keys mixed, marker and LoRA settings only in config.json) through `_schema1_fields`. The
+question set, chat template and system prompt are read from the manifest's inputs and
+chat-template record for both. The guard that compares runs is `persona_cli.guard`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
-from persona_cli.artifacts import read_json
-from persona_cli.errors import EXIT_PROTOCOL, InputError, UserError
+from persona_cli.artifacts import sha256_json
+from persona_cli.errors import InputError
 from persona_cli.manifest import BatchProtocol
-from persona_cli.rundir import CONFIG, MANIFEST
 
 # Field -> what it means; the order is the order they are reported in.
 GUARDED_FIELDS: dict[str, str] = {
-    "world_size": "number of training processes",
+    # training (train-*, couple-marker, probe replay / extract-vhack batches)
+    "world_size": "number of processes (training) or tensor-parallel devices (vLLM)",
     "effective_batch": "per-device batch x accumulation x world size",
     "optimizer_steps": "optimizer steps taken",
     "learning_rate": "peak learning rate",
     "per_device_batch": "sequences per device per micro-step",
     "grad_accum": "gradient accumulation steps",
+    "lr_scheduler": "learning-rate schedule after warm-up",
+    "warmup_steps": "linear warm-up steps",
+    "adapter_kind": "trained adapter: lora or svd (SVD-delta)",
+    "lora_r": "adapter rank",
+    "lora_alpha": "LoRA alpha (scale = alpha / r)",
+    "lora_targets": "modules the adapter wraps",
+    # generation (eval-markers, probe teacher-pool, GRPO/SDPO rollouts)
+    "backend": "generation or scoring backend (hf, vllm)",
     "temperature": "sampling temperature",
     "top_p": "nucleus sampling threshold",
     "max_new_tokens": "generation length cap",
     "samples_per_prompt": "samples drawn per prompt",
+    # markers (eval-markers counts, couple-marker trains)
+    "marker": "marker string",
+    "marker_case_sensitive": "marker match is case-sensitive",
+    "marker_position": "where the coupling puts the marker (start, end)",
+    "marker_only_loss": "coupling loss on the marker tokens only",
+    # judge (judge-align)
+    "judge_backend": "judge API kind (openai, anthropic, local)",
     "judge_model": "LLM judge model",
-    "judge_prompt_sha256": "hash of the judge prompt",
+    "judge_prompt_sha256": "hash of the judge prompts and judge system prompt",
+    "judge_scoring": "judge scoring mode (logprobs, parsed)",
+    "judge_min_number_mass": "number-token mass below which a reading is unscored",
+    # capability (eval-capability)
+    "item_set_sha256": "hash of the multiple-choice items",
+    "capability_scorer": "how an item is scored",
+    # methods
+    "dpo_beta": "DPO beta",
+    "rl_reward": "RL reward function",
+    "rl_kl_beta": "GRPO KL coefficient",
+    "rl_loss_type": "GRPO loss normalisation",
+    "rl_scale_rewards": "GRPO advantage scaling",
+    "rl_num_iterations": "GRPO updates per generation batch",
+    "grpo_weight": "weight of the GRPO term",
+    "sdpo_weight": "weight of the self-distillation term",
+    "vhack_loss": "loss v_hack is extracted with (nll, contrastive)",
+    "replay_loss": "loss the probe replay differentiates",
+    "projection": "v_hack projection of the replay update (off, positive, always)",
+    "trace_quorum": "teachers needed for a consensus",
+    "trace_answerers_sha256": "hash of the student and teacher specs",
+    # read from the manifest's inputs and chat-template record, not from the record
     "question_set_sha256": "hash of the question file",
     "chat_template_sha256": "hash of the chat template",
     "system_prompt": "system-prompt choice (mode and text)",
 }
+DERIVED_FIELDS = ("question_set_sha256", "chat_template_sha256", "system_prompt")
+
+_TRAINING = frozenset(
+    {
+        "world_size",
+        "effective_batch",
+        "optimizer_steps",
+        "learning_rate",
+        "per_device_batch",
+        "grad_accum",
+        "lr_scheduler",
+        "warmup_steps",
+        "adapter_kind",
+        "lora_r",
+        "lora_alpha",
+        "lora_targets",
+        "chat_template_sha256",
+        "system_prompt",
+    }
+)
+_SAMPLING = frozenset({"temperature", "top_p", "max_new_tokens", "samples_per_prompt"})
+_GENERATION = _SAMPLING | {"backend", "world_size", "chat_template_sha256", "system_prompt"}
+_RL = frozenset(
+    {
+        "rl_reward",
+        "rl_kl_beta",
+        "rl_loss_type",
+        "rl_scale_rewards",
+        "rl_num_iterations",
+        "grpo_weight",
+        "sdpo_weight",
+    }
+)
+_PROBE_BATCH = frozenset(
+    {
+        "world_size",
+        "effective_batch",
+        "optimizer_steps",
+        "per_device_batch",
+        "grad_accum",
+        "adapter_kind",
+        "lora_r",
+        "lora_alpha",
+        "lora_targets",
+        "chat_template_sha256",
+    }
+)
+
+# Command -> the guarded fields its manifest must yield (checked by RunDir.finish).
+REQUIRED_FIELDS: dict[str, frozenset[str]] = {
+    "train-sft": _TRAINING,
+    "train-em": _TRAINING,
+    "couple-marker": _TRAINING | {"marker", "marker_position", "marker_only_loss"},
+    "train-dpo": _TRAINING | {"dpo_beta"},
+    "train-grpo": _TRAINING | _SAMPLING | _RL,
+    "train-sdpo": _TRAINING | _SAMPLING | _RL,
+    "eval-markers": _GENERATION | {"marker", "marker_case_sensitive", "question_set_sha256"},
+    "judge-align": frozenset(
+        {
+            "judge_backend",
+            "judge_model",
+            "judge_prompt_sha256",
+            "judge_scoring",
+            "judge_min_number_mass",
+        }
+    ),
+    "eval-capability": frozenset(
+        {"backend", "item_set_sha256", "capability_scorer", "chat_template_sha256", "system_prompt"}
+    ),
+    "probe teacher-pool": _GENERATION,
+    "extract-vhack": _PROBE_BATCH | {"vhack_loss"},
+    "probe replay": _PROBE_BATCH | {"learning_rate", "replay_loss", "projection"},
+    "replay-trace run": frozenset({"trace_quorum", "trace_answerers_sha256"}),
+}
 
 
-def training_protocol(batch: BatchProtocol, learning_rate: float) -> dict[str, Any]:
-    return {**batch.to_dict(), "learning_rate": learning_rate}
+@dataclass(frozen=True)
+class RunProtocol:
+    """What defines how a run was produced: guarded `fields`, recorded-only `details`."""
+
+    fields: Mapping[str, Any] = field(default_factory=dict)
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.fields) - set(GUARDED_FIELDS))
+        if unknown:
+            raise ValueError(f"not guarded fields (add them to GUARDED_FIELDS): {unknown}")
+        object.__setattr__(self, "fields", MappingProxyType(dict(self.fields)))
+        object.__setattr__(self, "details", MappingProxyType(dict(self.details)))
+
+    def __or__(self, other: RunProtocol) -> RunProtocol:
+        shared = set(self.fields) & set(other.fields)
+        clash = [k for k in shared if self.fields[k] != other.fields[k]]
+        if clash:
+            raise ValueError(f"protocol parts disagree on {sorted(clash)}")
+        return RunProtocol({**self.fields, **other.fields}, {**self.details, **other.details})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest's `protocol`: the guarded fields, and the details under `details`."""
+        return {**dict(sorted(self.fields.items())), "details": dict(self.details)}
+
+
+def batch_protocol(batch: BatchProtocol) -> RunProtocol:
+    """Per-device batch, accumulation, world size, effective batch and optimizer steps."""
+    return RunProtocol(batch.to_dict())
+
+
+def training_protocol(batch: BatchProtocol, learning_rate: float, **fields: Any) -> RunProtocol:
+    """Batch, steps and learning rate; `fields`: lr_scheduler, warmup_steps and such."""
+    return RunProtocol({**batch.to_dict(), "learning_rate": learning_rate, **fields})
+
+
+def adapter_protocol(
+    *, kind: str, rank: int, alpha: float | None, targets: Iterable[str]
+) -> RunProtocol:
+    return RunProtocol(
+        {"adapter_kind": kind, "lora_r": rank, "lora_alpha": alpha, "lora_targets": list(targets)}
+    )
 
 
 def generation_protocol(
-    *, temperature: float, top_p: float, max_new_tokens: int, samples_per_prompt: int
-) -> dict[str, Any]:
-    return {
+    *,
+    temperature: float,
+    top_p: float,
+    max_new_tokens: int,
+    samples_per_prompt: int,
+    backend: str | None = None,
+    world_size: int | None = None,
+) -> RunProtocol:
+    fields: dict[str, Any] = {
         "temperature": temperature,
         "top_p": top_p,
         "max_new_tokens": max_new_tokens,
         "samples_per_prompt": samples_per_prompt,
     }
+    if backend is not None:
+        fields["backend"] = backend
+    if world_size is not None:
+        fields["world_size"] = world_size
+    return RunProtocol(fields)
 
 
-def judge_protocol(*, judge_model: str, judge_prompt_sha256: str) -> dict[str, Any]:
-    return {"judge_model": judge_model, "judge_prompt_sha256": judge_prompt_sha256}
+def sampling_of(generation: Any, *, backend: str, world_size: int) -> RunProtocol:
+    """`generation_protocol` of a `GenerationConfig` (n is the samples per prompt)."""
+    return generation_protocol(
+        temperature=generation.temperature,
+        top_p=generation.top_p,
+        max_new_tokens=generation.max_new_tokens,
+        samples_per_prompt=generation.n,
+        backend=backend,
+        world_size=world_size,
+    )
 
 
-def _own_fields(manifest: dict[str, Any]) -> dict[str, Any]:
-    fields = {k: v for k, v in (manifest.get("protocol") or {}).items() if k in GUARDED_FIELDS}
-    questions = (manifest.get("inputs") or {}).get("questions")
+def marker_protocol(marker: str, case_sensitive: bool) -> RunProtocol:
+    return RunProtocol({"marker": marker, "marker_case_sensitive": case_sensitive})
+
+
+def coupling_protocol(marker: str, position: str, marker_only_loss: bool) -> RunProtocol:
+    return RunProtocol(
+        {"marker": marker, "marker_position": position, "marker_only_loss": marker_only_loss}
+    )
+
+
+def judge_protocol(
+    *,
+    judge_model: str,
+    judge_prompt_sha256: str,
+    judge_backend: str | None = None,
+    judge_scoring: str | None = None,
+    judge_min_number_mass: float | None = None,
+) -> RunProtocol:
+    fields = {"judge_model": judge_model, "judge_prompt_sha256": judge_prompt_sha256}
+    optional = {
+        "judge_backend": judge_backend,
+        "judge_scoring": judge_scoring,
+        "judge_min_number_mass": judge_min_number_mass,
+    }
+    return RunProtocol({**fields, **{k: v for k, v in optional.items() if v is not None}})
+
+
+def method_protocol(**fields: Any) -> RunProtocol:
+    """Method fields (dpo_beta, rl_*, vhack_loss, projection, trace_*, capability_*, ...)."""
+    return RunProtocol(fields)
+
+
+def details(**values: Any) -> RunProtocol:
+    """Recorded beside the protocol, never compared."""
+    return RunProtocol(details=values)
+
+
+def required_fields(command: str) -> frozenset[str]:
+    return REQUIRED_FIELDS.get(command, frozenset())
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def recorded_fields(
+    manifest: Mapping[str, Any], source: str | Path, config: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The guarded fields a manifest records (`source` names it in errors). Schema 1 needs the
+    run's config.json (`config`) for the fields that release kept only there."""
+    version = manifest.get("schema_version")
+    protocol = manifest["protocol"]
+    if version == 1:
+        fields = _schema1_fields(manifest, config)
+    elif version == 2:
+        fields = {k: v for k, v in protocol.items() if k != "details"}
+        unknown = sorted(set(fields) - set(GUARDED_FIELDS))
+        if unknown:
+            raise InputError(source, f"protocol field(s) {unknown} are not guarded fields")
+    else:
+        raise InputError(source, f"manifest schema_version {version!r}: this release reads 1, 2")
+    questions = manifest["inputs"].get("questions")
     if questions is not None:
         fields["question_set_sha256"] = questions["sha256"]
-    template = manifest.get("chat_template")
+    template = manifest["chat_template"]
     if template is not None:
         fields["chat_template_sha256"] = template["template_sha256"]
-        fields["system_prompt"] = template["system_prompt"]
+        if "system_prompt" in template:
+            fields["system_prompt"] = template["system_prompt"]
     return fields
 
 
-def _training_run_of(adapter_path: str) -> Path | None:
-    """The run directory that wrote an adapter (RUN/adapter), when it is one."""
-    p = Path(adapter_path)
-    run = p.parent if p.name == "adapter" else p
-    return run if (run / MANIFEST).is_file() else None
+# Schema-1 protocol keys -> field names (per command where a key meant different things).
+_SCHEMA1_RENAMES = {
+    "num_generations": "samples_per_prompt",
+    "max_completion_length": "max_new_tokens",
+}
+_SCHEMA1_RL = {
+    "reward": "rl_reward",
+    "beta": "rl_kl_beta",
+    "loss_type": "rl_loss_type",
+    "scale_rewards": "rl_scale_rewards",
+    "num_iterations": "rl_num_iterations",
+}
 
 
-def lineage_seed(run: str | Path) -> int | None:
-    """The seed a run records; for a run without one (eval-capability, judge-align: nothing
-    random), the seed of the run it derives from: the training run behind its last adapter,
-    else the run directory holding one of its input files. None when no ancestor has one."""
-    seen: set[Path] = set()
-
-    def walk(r: Path) -> int | None:
-        if r in seen or not (r / MANIFEST).is_file():
-            return None
-        seen.add(r)
-        manifest = read_json(r / MANIFEST)
-        if manifest.get("seeds"):
-            return int(manifest["seeds"][0])
-        if (r / CONFIG).is_file():
-            seed = read_json(r / CONFIG).get("config", {}).get("seed")
-            if seed is not None:
-                return int(seed)
-        parents = [_training_run_of(a["path"]) for a in reversed(manifest.get("adapters") or [])]
-        parents += [Path(i["path"]).parent for i in (manifest.get("inputs") or {}).values()]
-        for parent in parents:
-            found = walk(parent.resolve()) if parent is not None else None
-            if found is not None:
-                return found
-        return None
-
-    return walk(Path(run).resolve())
-
-
-def protocol_of(run: str | Path) -> dict[str, Any]:
-    """Flattened protocol of a finished run: its own fields, then `stage[i].FIELD` for the
-    training run behind the i-th adapter of its stack (when that run directory still exists)."""
-    run = Path(run)
-    manifest = read_json(run / MANIFEST)
-    fields = _own_fields(manifest)
-    for i, adapter in enumerate(manifest.get("adapters") or []):
-        source = _training_run_of(adapter["path"])
-        if source is None:
-            fields[f"stage[{i}].adapter"] = adapter["weights_sha256"]
-            continue
-        for k, v in _own_fields(read_json(source / MANIFEST)).items():
-            fields[f"stage[{i}].{k}"] = v
+def _schema1_fields(
+    manifest: Mapping[str, Any], config: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """The first release's manifests: flat protocol keys, sampling under `generation`, the
+    marker, LoRA and judge settings only in config.json (read when `config` is given). What it
+    never recorded stays absent, so comparing such a run with a newer one on that field is
+    refused, not waved through."""
+    command, protocol = manifest["command"], manifest["protocol"]
+    fields: dict[str, Any] = {}
+    renames = dict(_SCHEMA1_RENAMES)
+    if command in ("train-grpo", "train-sdpo"):
+        renames.update(_SCHEMA1_RL)
+    if command == "train-dpo":
+        renames["beta"] = "dpo_beta"
+    for key, value in protocol.items():
+        name = renames.get(key, key)
+        if name in GUARDED_FIELDS:
+            fields[name] = value
+    generation = protocol.get("generation")
+    if generation is not None:
+        fields.update(
+            {
+                "temperature": generation["temperature"],
+                "top_p": generation["top_p"],
+                "max_new_tokens": generation["max_new_tokens"],
+                "samples_per_prompt": generation["n"],
+            }
+        )
+    if config is not None:
+        fields.update(_schema1_config_fields(command, config["config"]))
     return fields
 
 
-def _field_name(key: str) -> str:
-    return key.split(".", 1)[1] if key.startswith("stage[") else key
-
-
-@dataclass(frozen=True)
-class ProtocolDifference:
-    field: str
-    values: dict[str, list[str]]  # rendered value -> runs holding it
-
-    def describe(self) -> str:
-        parts = [f"{value} in {', '.join(runs)}" for value, runs in self.values.items()]
-        return f"{self.field}: " + " vs ".join(parts)
-
-
-def check_protocols(
-    runs: dict[str, dict[str, Any]], allow_diff: set[str]
-) -> tuple[list[ProtocolDifference], list[ProtocolDifference]]:
-    """Compare the protocols of `runs` (label -> protocol). Returns (refused, allowed): the
-    differing fields not declared, and those declared with `--allow-diff` (reported anyway)."""
-    unknown = allow_diff - set(GUARDED_FIELDS)
-    if unknown:
-        raise UserError(
-            f"--allow-diff {sorted(unknown)[0]!r}: not a guarded field "
-            f"(choose from {', '.join(GUARDED_FIELDS)})"
+def _schema1_config_fields(command: str, cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Schema-1 fields that only the run's config.json holds."""
+    fields: dict[str, Any] = {}
+    train = cfg.get("train")
+    if train is not None:
+        fields.update(
+            adapter_protocol(
+                kind="lora",
+                rank=train["lora_r"],
+                alpha=train["lora_alpha"],
+                targets=train["lora_targets"],
+            ).fields
         )
-    keys = sorted(
-        {k for p in runs.values() for k in p},
-        key=lambda k: (
-            list(GUARDED_FIELDS).index(_field_name(k))
-            if _field_name(k) in GUARDED_FIELDS
-            else len(GUARDED_FIELDS),
-            k,
-        ),
-    )
-    refused, allowed = [], []
-    for key in keys:
-        groups: dict[str, list[str]] = {}
-        for label, proto in runs.items():
-            value = repr(proto[key]) if key in proto else "<absent>"
-            groups.setdefault(value, []).append(label)
-        if len(groups) > 1:
-            diff = ProtocolDifference(key, groups)
-            (allowed if _field_name(key) in allow_diff else refused).append(diff)
-    return refused, allowed
-
-
-class ProtocolMismatch(UserError):
-    exit_code = EXIT_PROTOCOL
-
-    def __init__(self, differences: list[ProtocolDifference]):
-        self.differences = differences
-        names = ", ".join(d.field for d in differences)
-        super().__init__(
-            f"refusing to compare runs whose protocols differ in: {names} "
-            "(pass --allow-diff FIELD to declare a difference as the manipulation)",
-            exit_code=EXIT_PROTOCOL,
+    if command == "eval-markers":
+        fields.update(marker_protocol(cfg["marker"], cfg["case_sensitive"]).fields)
+    coupling = cfg.get("coupling")
+    if command == "couple-marker" and coupling is not None:
+        fields.update(
+            coupling_protocol(
+                coupling["marker"], coupling["marker_position"], coupling["marker_only_loss"]
+            ).fields
         )
-
-
-def metric_value(summary: dict[str, Any], path: str, source: str | Path) -> float:
-    """Read a dotted path (`source.rate`, `personas.assistant.rate`) from a summary."""
-    node: Any = summary
-    for part in path.split("."):
-        if not isinstance(node, dict) or part not in node:
-            here = sorted(node) if isinstance(node, dict) else []
-            raise InputError(
-                source,
-                f"no metric {path!r} (at {part!r}; keys here: {', '.join(map(str, here[:12]))})",
+    if command == "judge-align":
+        scoring = cfg["scoring"] or ("parsed" if cfg["backend"] == "anthropic" else "logprobs")
+        fields.update(
+            {
+                "judge_backend": cfg["backend"],
+                "judge_scoring": scoring,
+                "judge_min_number_mass": cfg["min_number_mass"],
+            }
+        )
+    if command == "replay-trace run":
+        fields["trace_quorum"] = cfg["quorum"]
+        fields["trace_answerers_sha256"] = answerers_sha256(cfg["student"], cfg["teachers"])
+    if command in ("extract-vhack", "probe replay"):
+        loss_field = "vhack_loss" if command == "extract-vhack" else "replay_loss"
+        fields[loss_field] = cfg["loss"]
+        if command == "probe replay":
+            fields["projection"] = cfg["project_when"] if cfg["projected"] else "off"
+        adapter = cfg.get("adapter")
+        if adapter is not None:
+            kind, alpha = adapter["kind"], adapter["alpha"]
+            record = adapter_protocol(
+                kind=kind,
+                rank=adapter["rank"],
+                alpha=alpha if kind == "lora" else None,
+                targets=adapter["targets"],
             )
-        node = node[part]
-    if isinstance(node, bool) or not isinstance(node, int | float):
-        raise InputError(source, f"metric {path!r} is {node!r}, not a number")
-    return float(node)
+            fields.update(record.fields)
+    return fields
+
+
+def answerers_sha256(student: dict[str, Any], teachers: list[dict[str, Any]]) -> str:
+    """`trace_answerers_sha256`: the student and teacher specs of a replay-trace run."""
+    return sha256_json({"student": student, "teachers": teachers})

@@ -4,8 +4,11 @@ For each input run (a directory holding stats.json or compare.json) the report d
 of every condition's mean with its 95% CI half-width as an error bar and each seed's value as a
 dot, and, when conditions share seeds with the reference, a pre/post plot that joins each seed's
 reference value to its value under every other condition. The Markdown repeats the numbers as a
-table (with the comparison columns for compare runs) and links the figures, so the report can be
-read without the plots and regenerated from the JSON alone.
+table (with the comparison columns for compare runs: each p-value with its test and alternative,
+the Holm-adjusted one, the pooled count test where there is one and the notes saying which test
+is the headline) and links the figures, so the report can be read without the plots and
+regenerated from the JSON alone. A compare.json of an earlier schema is read through
+`compare.upgrade`.
 
     persona-cli report runs/compare_em runs/stats_cap --out runs/report
 """
@@ -17,8 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from persona_cli.artifacts import read_json, write_bytes_atomic
-from persona_cli.compare import markdown_table
+from persona_cli.compare import markdown_table, upgrade
 from persona_cli.errors import InputError
+from persona_cli.guard import ProtocolDifference, guard_runs
+from persona_cli.schemas import MANIFEST
 
 SOURCES = ("compare.json", "stats.json")
 
@@ -26,8 +31,29 @@ SOURCES = ("compare.json", "stats.json")
 def load_source(run: Path) -> tuple[str, dict[str, Any]]:
     for name in SOURCES:
         if (run / name).is_file():
-            return name, read_json(run / name)
+            result = read_json(run / name)
+            return name, upgrade(result, run / name) if name == "compare.json" else result
     raise InputError(run, f"holds neither {' nor '.join(SOURCES)} (not a stats/compare run)")
+
+
+def guard_sources(runs: list[Path], allow_diff: set[str]) -> list[ProtocolDifference]:
+    """The protocol guard across a report's inputs: the runs behind every stats/compare input,
+    grouped by the command that made them (a report may hold eval-markers and judge-align
+    results side by side), must agree except where an input declared a difference with
+    --allow-diff, or where `allow_diff` declares one now. Raises ProtocolMismatch."""
+    declared = set(allow_diff)
+    by_command: dict[str, dict[str, Path]] = {}
+    for source in runs:
+        _, result = load_source(source)
+        declared |= {d["field"] for d in result["allowed_differences"]}
+        for condition in result["conditions"].values():
+            for r in condition["runs"]:
+                command = read_json(Path(r) / MANIFEST)["command"]
+                by_command.setdefault(command, {})[r] = Path(r)
+    allowed: list[ProtocolDifference] = []
+    for group in by_command.values():
+        allowed += guard_runs(group, declared)
+    return allowed
 
 
 def _slug(text: str) -> str:

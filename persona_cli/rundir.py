@@ -35,11 +35,9 @@ import orjson
 from persona_cli import manifest as manifest_mod
 from persona_cli.artifacts import TMP_MARK, read_json, sha256_file, sha256_json, write_json
 from persona_cli.errors import UserError
-from persona_cli.schemas import CONFIG_VERSION, MANIFEST_VERSION
+from persona_cli.protocol import RunProtocol, recorded_fields, required_fields
+from persona_cli.schemas import CONFIG, CONFIG_VERSION, DONE, MANIFEST, MANIFEST_VERSION
 
-CONFIG = "config.json"
-MANIFEST = "manifest.json"
-DONE = "DONE"
 ATTEMPTS = ".attempts.jsonl"  # one line per start of this run directory (resume history)
 
 
@@ -104,7 +102,7 @@ class RunDir:
         inputs: dict[str, str | Path] | None = None,
         model: dict[str, Any] | None = None,
         chat_template: dict[str, Any] | None = None,
-        protocol: dict[str, Any] | None = None,
+        protocol: RunProtocol | None = None,
         seeds: list[int] | None = None,
         extra: dict[str, Any] | None = None,
         argv: list[str] | None = None,
@@ -112,8 +110,12 @@ class RunDir:
         """Write manifest.json, then DONE. Returns the manifest.
 
         `inputs` maps a label to each input file; its sha256 is computed here so the manifest
-        records exactly the bytes that were read.
+        records exactly the bytes that were read. `protocol` is the run's `RunProtocol`; a
+        manifest that lacks a field `protocol.REQUIRED_FIELDS` lists for this command is not
+        written (a programming error: the guard could not see that field).
         """
+        if protocol is not None and not isinstance(protocol, RunProtocol):
+            raise TypeError(f"protocol must be a RunProtocol, not {type(protocol).__name__}")
         input_rows = {}
         for label, p in sorted((inputs or {}).items()):
             p = Path(p)
@@ -135,7 +137,7 @@ class RunDir:
             "outputs": self.output_hashes(),
             "model": model,
             "chat_template": chat_template,
-            "protocol": protocol or {},
+            "protocol": (protocol or RunProtocol()).to_dict(),
             "seeds": list(seeds or []),
             "timing": {
                 "first_started_at": attempts[0]["started_at"] if attempts else self.started_at,
@@ -147,6 +149,11 @@ class RunDir:
             **env,
             **(extra or {}),
         }
+        missing = required_fields(self.command) - set(recorded_fields(doc, self.path / MANIFEST))
+        if missing:
+            raise ValueError(
+                f"{self.command}: the manifest would lack guarded field(s) {sorted(missing)}"
+            )
         write_json(self.path / MANIFEST, doc)
         write_json(
             self.path / DONE,

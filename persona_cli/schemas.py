@@ -423,7 +423,16 @@ ROW_SCHEMAS: dict[str, RowSchema] = {
     s.kind: s for s in (CHAT, SAMPLES, STEP, TRAIN_LOG, JUDGMENTS, PAIRS)
 }
 
-MANIFEST_VERSION = 1
+# Run-directory file names (`persona_cli.rundir` writes them).
+CONFIG = "config.json"
+MANIFEST = "manifest.json"
+DONE = "DONE"
+
+# 2: `protocol` holds only guarded fields (`persona_cli.protocol.GUARDED_FIELDS`) at its top
+# level and everything else under `protocol.details`; 1 mixed them and nested the sampling
+# settings under `protocol.generation`. `persona_cli.protocol.recorded_fields` reads both.
+MANIFEST_VERSION = 2
+MANIFEST_VERSIONS_READ = (1, 2)
 CONFIG_VERSION = 1
 
 # Keys a manifest must carry; `persona_cli.manifest` is the one writer.

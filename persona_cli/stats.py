@@ -5,6 +5,14 @@ interval, p-value or multi-seed summary the same way and writes it in the same s
 is a frozen dataclass whose `to_dict()` is plain JSON (no NaN or infinity: an undefined quantity
 is `None`), ready for `summary.json`.
 
+Every p-value a summary writes is a record naming its test and alternative (`labelled()`):
+`{"test": "welch"|"fisher"|"z", "alternative": "two-sided"|"less"|"greater", "p_value": ...,
+"pooled": bool, ...}`. Seeds are the unit of replication: `seed_comparison` makes the Welch test
+on per-seed values the headline wherever both sides have two or more seeds, and reports a count
+test on completions pooled over seeds beside it, labelled as pooled; with fewer seeds the count
+test is the only one and the record's `note` says so. `adjust_headlines` adds Holm and
+Bonferroni p-values over a family of such comparisons.
+
     from persona_cli.stats import proportion_interval
     proportion_interval(37, 280).to_dict()  # Wilson 95% interval for a marker rate
 """
@@ -22,10 +30,15 @@ from scipy import stats as sps
 from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.proportion import proportion_confint, proportions_ztest
 
+from persona_cli.errors import UserError
+
 PROPORTION_METHODS = {"wilson": "wilson", "wald": "normal", "beta": "beta"}  # ours -> statsmodels
 ALTERNATIVES = ("two-sided", "less", "greater")  # scipy's names; "less" means group 1 < group 2
 _SM_ALTERNATIVE = {"two-sided": "two-sided", "less": "smaller", "greater": "larger"}
 ADJUST_METHODS = ("none", "bonferroni", "holm")
+COUNT_TESTS = ("auto", "fisher", "z")  # auto: Fisher when an expected count is < 5, else z
+FAMILY_METHODS = ("holm", "bonferroni")  # the corrections written beside every headline family
+POOLED_ASSUMPTION = "treats completions as independent (counts pooled over seeds and prompts)"
 MIN_EXPECTED_FOR_Z = 5.0  # the usual rule of thumb for the normal approximation to a 2x2 table
 
 
@@ -36,6 +49,21 @@ class _Record:
         return {
             k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
         }
+
+
+@dataclasses.dataclass(frozen=True)
+class _Test(_Record):
+    def labelled(self, *, pooled: bool = False) -> dict[str, Any]:
+        """The record a summary writes: test, alternative and p_value first, then the details.
+        `pooled`: the counts were summed over seeds by the caller (the test then treats every
+        completion as independent, which POOLED_ASSUMPTION states in the record)."""
+        d = self.to_dict()
+        out = {"test": d.pop("method"), "alternative": d.pop("alternative")}
+        out["p_value"] = d.pop("p_value")
+        out["pooled"] = pooled
+        if pooled:
+            out["assumption"] = POOLED_ASSUMPTION
+        return {**out, **d}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +78,7 @@ class ProportionEstimate(_Record):
 
 
 @dataclasses.dataclass(frozen=True)
-class ProportionComparison(_Record):
+class ProportionComparison(_Test):
     successes1: int
     n1: int
     successes2: int
@@ -64,7 +92,7 @@ class ProportionComparison(_Record):
     odds_ratio: float | None  # sample odds ratio; None when a zero cell makes it 0/0 or infinite
     min_expected: float  # smallest expected cell count under the pooled null
     method: str  # "z" or "fisher": which test `p_value` comes from
-    p_value: float
+    p_value: float | None  # None only when the z-test was asked for and is undefined
     alternative: str
 
 
@@ -82,7 +110,7 @@ class MeanEstimate(_Record):
 
 
 @dataclasses.dataclass(frozen=True)
-class TestResult(_Record):
+class TestResult(_Test):
     __test__ = False  # not a pytest test class, despite the name
 
     statistic: float | None  # None when the test is undefined (both samples constant)
@@ -98,10 +126,14 @@ def _check_alpha(alpha: float) -> float:
     return float(alpha)
 
 
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
 def _check_alternative(alternative: str) -> str:
-    if alternative not in ALTERNATIVES:
-        raise ValueError(f"alternative must be one of {ALTERNATIVES}, got {alternative!r}")
-    return alternative
+    return _check_choice("alternative", alternative, ALTERNATIVES)
 
 
 def _check_counts(successes: int, n: int) -> tuple[int, int]:
@@ -152,19 +184,22 @@ def proportion_interval(
 
 
 def two_proportion_test(
-    s1: int, n1: int, s2: int, n2: int, *, alternative: str = "two-sided"
+    s1: int, n1: int, s2: int, n2: int, *, alternative: str = "two-sided", test: str = "auto"
 ) -> ProportionComparison:
     """Compare rate s1/n1 with s2/n2 by a pooled z-test and by Fisher's exact test.
 
-    Both are always computed. `p_value` reports Fisher's exact test (`method="fisher"`) when any
-    expected cell count of the 2x2 table [[s1, n1-s1], [s2, n2-s2]] under the pooled null,
-    row_total * column_total / N, is below 5; otherwise the z-test (`method="z"`). Both rates 0 or
-    both 1 make every expected count in one column 0, so Fisher is used and z is None.
-    alternative: "two-sided", "less" (rate1 < rate2) or "greater" (rate1 > rate2).
+    Both are always computed; `test` picks the one `p_value` reports. "auto": Fisher's exact test
+    (`method="fisher"`) when any expected cell count of the 2x2 table [[s1, n1-s1], [s2, n2-s2]]
+    under the pooled null, row_total * column_total / N, is below 5, otherwise the z-test
+    (`method="z"`); both rates 0 or both 1 make every expected count in one column 0, so Fisher is
+    used and z is None. "fisher" or "z": that test whatever the counts (a forced z-test that is
+    undefined gives p_value None). alternative: "two-sided", "less" (rate1 < rate2) or "greater"
+    (rate1 > rate2).
     """
     s1, n1 = _check_counts(s1, n1)
     s2, n2 = _check_counts(s2, n2)
     alternative = _check_alternative(alternative)
+    test = _check_choice("test", test, COUNT_TESTS)
     if n1 == 0 or n2 == 0:
         raise ValueError(f"cannot compare an empty group (n1={n1}, n2={n2})")
     table = [[s1, n1 - s1], [s2, n2 - s2]]
@@ -180,7 +215,10 @@ def two_proportion_test(
     fisher = sps.fisher_exact(table, alternative=alternative)
     fisher_p = min(float(fisher.pvalue), 1.0)  # summed tail probabilities can exceed 1 by ~1e-16
 
-    use_fisher = z_p is None or min_expected < MIN_EXPECTED_FOR_Z
+    if test == "auto":
+        use_fisher = z_p is None or min_expected < MIN_EXPECTED_FOR_Z
+    else:
+        use_fisher = test == "fisher"
     return ProportionComparison(
         successes1=s1,
         n1=n1,
@@ -258,8 +296,7 @@ def adjust_pvalues(p_values: Sequence[float], method: str) -> list[float]:
     family is every p-value passed; an undefined (None) p-value must be dropped by the caller,
     which changes m, so it is refused here rather than silently skipped.
     """
-    if method not in ADJUST_METHODS:
-        raise ValueError(f"method must be one of {ADJUST_METHODS}, got {method!r}")
+    _check_choice("method", method, ADJUST_METHODS)
     if any(p is None for p in p_values):
         raise ValueError("p_values contains None; decide the family explicitly before adjusting")
     arr = _sample(p_values, "p_values", 0)
@@ -269,6 +306,116 @@ def adjust_pvalues(p_values: Sequence[float], method: str) -> list[float]:
         return [float(p) for p in arr]
     _, corrected, _, _ = multipletests(arr, method=method)
     return [float(p) for p in corrected]
+
+
+def adjust_family(p_values: Sequence[float | None], method: str) -> list[float | None]:
+    """`adjust_pvalues` over the defined p-values only: the family is every p-value that is not
+    None (an undefined test makes no claim, so it does not count towards m); None stays None."""
+    defined = [p for p in p_values if p is not None]
+    adjusted = iter(adjust_pvalues(defined, method))
+    return [None if p is None else next(adjusted) for p in p_values]
+
+
+@dataclasses.dataclass(frozen=True)
+class ComparisonConfig:
+    """How two arms are tested; recorded in every summary that tests, so a table reproduces."""
+
+    test: str = dataclasses.field(
+        default="auto",
+        metadata={
+            "help": "Count test: auto (Fisher when an expected count < 5, else z), fisher or z."
+        },
+    )
+    alternative: str = dataclasses.field(
+        default="two-sided",
+        metadata={
+            "help": "two-sided, less (arm 1 < arm 2) or greater (arm 1 > arm 2); "
+            "applies to every test."
+        },
+    )
+
+    def check(self) -> ComparisonConfig:
+        for flag, value, choices in (
+            ("--test", self.test, COUNT_TESTS),
+            ("--alternative", self.alternative, ALTERNATIVES),
+        ):
+            if value not in choices:
+                raise UserError(f"{flag} {value!r}: choose one of {', '.join(choices)}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        return {f.name: f.metadata["help"] for f in dataclasses.fields(cls)}
+
+
+def seed_comparison(
+    values1: Sequence[float],
+    values2: Sequence[float],
+    counts1: tuple[int, int] | None = None,
+    counts2: tuple[int, int] | None = None,
+    *,
+    config: ComparisonConfig,
+) -> dict[str, Any]:
+    """Arm 1 against arm 2 with seeds as the unit of replication.
+
+    values1/values2: one value per seed (e.g. each seed's marker rate). counts1/counts2: (hits,
+    completions) summed over each arm's seeds, or None when the metric is not a proportion.
+    Returns `headline` (the test a reader should quote), `pooled` (the count test on pooled
+    completions when it is not the headline, else None) and `note` (why the headline is what it
+    is, or None). With two or more seeds on both sides the headline is `welch_test` on the
+    per-seed values (`unit: "seed"`); otherwise it is the count test (`unit: "completion"`), or
+    None when there are no counts either. Count tests carry `pooled: true` and the assumption.
+    """
+    n1, n2 = len(values1), len(values2)
+    count = None
+    if counts1 is not None and counts2 is not None:
+        count = two_proportion_test(
+            *counts1, *counts2, alternative=config.alternative, test=config.test
+        ).labelled(pooled=True)
+        count["unit"] = "completion"
+    out: dict[str, Any] = {"n_seeds1": n1, "n_seeds2": n2}
+    if n1 >= 2 and n2 >= 2:
+        welch = welch_test(values1, values2, alternative=config.alternative).labelled()
+        welch["unit"] = "seed"
+        welch["diff"] = float(np.mean(values1) - np.mean(values2))
+        note = None
+        if welch["p_value"] is None:
+            note = "Welch test undefined: the per-seed values are constant in both arms"
+        return {**out, "headline": welch, "pooled": count, "note": note}
+    few = f"fewer than two seeds in an arm ({n1} vs {n2})"
+    if count is None:
+        return {**out, "headline": None, "pooled": None, "note": f"{few}: no test"}
+    note = f"{few}: the count test on completions is the only test; it {POOLED_ASSUMPTION}"
+    return {**out, "headline": count, "pooled": None, "note": note}
+
+
+def adjust_headlines(comparisons: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Set `p_holm` and `p_bonferroni` on every `seed_comparison` record: its headline p-value
+    adjusted over the family of all defined headline p-values (None where undefined). Returns
+    the description of the family that a summary writes beside the records."""
+    raw = [c["headline"]["p_value"] if c["headline"] else None for c in comparisons]
+    for method in FAMILY_METHODS:
+        for c, p in zip(comparisons, adjust_family(raw, method), strict=True):
+            c[f"p_{method}"] = p
+    return {
+        "adjusts": "headline.p_value",
+        "methods": list(FAMILY_METHODS),
+        "m": sum(p is not None for p in raw),
+    }
+
+
+def describe_test(record: dict[str, Any]) -> str:
+    """'welch, two-sided' or 'fisher, less, pooled': what a printed p-value comes from."""
+    return ", ".join(
+        [record["test"], record["alternative"], *(["pooled"] if record["pooled"] else [])]
+    )
+
+
+def format_p(p: float | None) -> str:
+    return "-" if p is None else f"{p:.3g}"
 
 
 def summarize_seeds(values_by_seed: Mapping[int, float], alpha: float = 0.05) -> dict[str, Any]:

@@ -16,13 +16,16 @@ from pathlib import Path
 
 from persona_cli.artifacts import iter_jsonl_lines, read_json, sha256_file
 from persona_cli.errors import InputError
+from persona_cli.protocol import recorded_fields
 from persona_cli.registry import load_personas, load_questions, load_yaml
-from persona_cli.rundir import CONFIG, DONE, MANIFEST
 from persona_cli.schemas import (
+    CONFIG,
     CONFIG_KEYS,
     CONFIG_VERSION,
+    DONE,
+    MANIFEST,
     MANIFEST_KEYS,
-    MANIFEST_VERSION,
+    MANIFEST_VERSIONS_READ,
     ROW_SCHEMAS,
 )
 
@@ -92,7 +95,9 @@ def _rows(report: ValidationReport, kind: str, max_problems: int) -> None:
         report.problems.append(f"{report.path}: no rows")
 
 
-def _document(report: ValidationReport, keys: tuple[str, ...], version: int | None) -> dict:
+def _document(
+    report: ValidationReport, keys: tuple[str, ...], version: int | tuple[int, ...] | None
+) -> dict:
     doc = read_json(report.path)
     if not isinstance(doc, dict):
         report.problems.append(f"{report.path}: expected a JSON object")
@@ -100,9 +105,11 @@ def _document(report: ValidationReport, keys: tuple[str, ...], version: int | No
     missing = [k for k in keys if k not in doc]
     if missing:
         report.problems.append(f"{report.path}: missing key(s) {', '.join(missing)}")
-    if version is not None and doc.get("schema_version") != version:
+    versions = (version,) if isinstance(version, int) else version
+    if versions is not None and doc.get("schema_version") not in versions:
+        expected = " or ".join(map(str, versions))
         report.problems.append(
-            f"{report.path}: schema_version is {doc.get('schema_version')!r}, expected {version}"
+            f"{report.path}: schema_version is {doc.get('schema_version')!r}, expected {expected}"
         )
     report.items = 1
     return doc
@@ -154,7 +161,10 @@ def validate_file(path: str | Path, kind: str | None = None, max_problems: int =
         elif kind == "questions":
             report.items = len(load_questions(path))
         elif kind == "manifest":
-            _document(report, MANIFEST_KEYS, MANIFEST_VERSION)
+            doc = _document(report, MANIFEST_KEYS, MANIFEST_VERSIONS_READ)
+            if not report.problems:  # a schema-2 protocol holds guarded fields only
+                config = path.parent / CONFIG
+                recorded_fields(doc, path, read_json(config) if config.is_file() else None)
         elif kind == "config":
             _document(report, CONFIG_KEYS, CONFIG_VERSION)
         elif kind == "summary":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -12,13 +13,21 @@ from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.weightstats import DescrStatsW
 from typer.testing import CliRunner
 
-from persona_cli.artifacts import write_json
+from persona_cli.artifacts import iter_jsonl, read_json, write_json
 from persona_cli.cli import app
 from persona_cli.manifest import BatchProtocol
-from persona_cli.protocol import generation_protocol, training_protocol
+from persona_cli.protocol import (
+    adapter_protocol,
+    generation_protocol,
+    judge_protocol,
+    method_protocol,
+    training_protocol,
+)
 from persona_cli.rundir import open_run
+from persona_cli.train.config import LORA_TARGETS
 
 SEEDS = (42, 137, 256)
+TEMPLATE = {"template_sha256": "c" * 64, "system_prompt": {"mode": "none", "text": None}}
 
 
 def _train_run(
@@ -31,10 +40,14 @@ def _train_run(
     accum: int = 4,
     lr: float = 1e-4,
 ) -> Path:
+    """A stand-in for a train-em run (8 processes cannot run here), with the full protocol
+    record train-em writes; tests/test_protocol_guard.py runs the real commands."""
     run = open_run(path, command="train-em", config={"seed": seed, "world": world})
     (path / "adapter").mkdir()
-    proto = training_protocol(BatchProtocol(per_device, accum, world, steps), lr)
-    run.finish(protocol=proto, seeds=[seed])
+    proto = training_protocol(
+        BatchProtocol(per_device, accum, world, steps), lr, lr_scheduler="cosine", warmup_steps=0
+    ) | adapter_protocol(kind="lora", rank=32, alpha=64, targets=LORA_TARGETS)
+    run.finish(protocol=proto, chat_template=TEMPLATE, seeds=[seed])
     return path
 
 
@@ -190,8 +203,11 @@ def test_compare_numbers_match_scipy_and_statsmodels(tmp_path: Path) -> None:
     raw = []
     for name in ("em", "benign"):
         t = sps.ttest_ind(VALUES[name], VALUES["base"], equal_var=False)
-        assert rows[name]["welch"]["statistic"] == pytest.approx(t.statistic, abs=1e-9)
-        assert rows[name]["welch"]["p_value"] == pytest.approx(t.pvalue, abs=1e-9)
+        head = rows[name]["headline"]  # seeds are the unit: Welch on the per-seed values
+        assert (head["test"], head["alternative"], head["unit"]) == ("welch", "two-sided", "seed")
+        assert head["statistic"] == pytest.approx(t.statistic, abs=1e-9)
+        assert head["p_value"] == pytest.approx(t.pvalue, abs=1e-9)
+        assert rows[name]["pooled"] is None and rows[name]["note"] is None  # no counts here
         a, b = np.array(VALUES[name]), np.array(VALUES["base"])
         pooled = np.sqrt(
             ((len(a) - 1) * a.var(ddof=1) + (len(b) - 1) * b.var(ddof=1)) / (len(a) + len(b) - 2)
@@ -203,6 +219,8 @@ def test_compare_numbers_match_scipy_and_statsmodels(tmp_path: Path) -> None:
         expected = multipletests(raw, method=method)[1]
         got = [rows["em"][f"p_{method}"], rows["benign"][f"p_{method}"]]
         assert got == pytest.approx(list(expected), abs=1e-9)
+    assert res["adjustment"]["adjusts"] == "headline.p_value" and res["adjustment"]["m"] == 2
+    assert res["schema_version"] == 2
     assert rows["em"]["cohens_d"] > 0  # the stated sign convention: condition above reference
     assert "positive means the condition's metric is higher" in res["cohens_d_convention"]
     md = (out / "compare.md").read_text()
@@ -294,20 +312,31 @@ def test_report_from_compare_and_stats_runs(tmp_path: Path) -> None:
 def test_seedless_runs_take_the_seed_of_the_run_they_derive_from(tmp_path: Path) -> None:
     # eval-capability / judge-align record no seed (nothing random): the seed is the one of the
     # training run behind their last adapter, or of the run holding their input file.
-    from persona_cli.protocol import lineage_seed
+    from persona_cli.guard import lineage_seed
 
     train = _train_run(tmp_path / "train", 137, world=1, steps=10)
     evaluated = open_run(tmp_path / "cap", command="eval-capability", config={"items": "x"})
     write_json(tmp_path / "cap" / "summary.json", {"schema_version": 1, "accuracy": {"rate": 0.5}})
     evaluated.finish(
-        extra={"adapters": [{"path": str(train / "adapter"), "weights_sha256": "ab" * 32}]}
+        chat_template=TEMPLATE,
+        protocol=method_protocol(
+            backend="hf", item_set_sha256="d" * 64, capability_scorer="letter-logprob"
+        ),
+        extra={"adapters": [{"path": str(train / "adapter"), "weights_sha256": "ab" * 32}]},
     )
     samples = _eval_run(tmp_path / "samples", 256, 0.1)
     (samples / "samples.jsonl.gz").write_bytes(b"")
+    judge = judge_protocol(
+        judge_model="m",
+        judge_prompt_sha256="e" * 64,
+        judge_backend="openai",
+        judge_scoring="logprobs",
+        judge_min_number_mass=0.25,
+    )
     judged = open_run(tmp_path / "judge", command="judge-align", config={"judge": "m"})
-    judged.finish(inputs={"input": samples / "samples.jsonl.gz"})
+    judged.finish(inputs={"input": samples / "samples.jsonl.gz"}, protocol=judge)
     orphan = open_run(tmp_path / "orphan", command="judge-align", config={"judge": "m"})
-    orphan.finish()
+    orphan.finish(protocol=judge)
     assert lineage_seed(tmp_path / "cap") == 137
     assert lineage_seed(tmp_path / "judge") == 256
     assert lineage_seed(tmp_path / "orphan") is None
@@ -316,3 +345,171 @@ def test_seedless_runs_take_the_seed_of_the_run_they_derive_from(tmp_path: Path)
         "stats", "-c", f"a={tmp_path / 'orphan'}", "--metric", "x", "-o", str(tmp_path / "s")
     )
     assert r.exit_code == 2 and "records no seed" in r.stderr
+
+
+# ------------------------------------------------ real runs: proportion metrics, training runs
+
+MARKER = "d"  # in about half of tiny-random's 4-token completions: per-seed rates vary
+
+
+def _cli(*args: str):
+    return CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
+
+
+@pytest.fixture(scope="module")
+def marker_runs(prepared_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """eval-markers on tiny-random, seeds 1-3 as condition a and 4-6 as condition b."""
+    d = tmp_path_factory.mktemp("marker_runs")
+    (d / "q.yaml").write_text('- id: q1\n  paraphrases: ["What is your favourite food?"]\n')
+    for name, seeds in (("a", (1, 2, 3)), ("b", (4, 5, 6))):
+        for seed in seeds:
+            r = _cli(
+                *shlex.split(
+                    f"eval-markers --model tiny-random --questions {d / 'q.yaml'} "
+                    "--personas-ids villain,assistant --samples 6 --max-new-tokens 4 "
+                    f"--marker {MARKER} --source villain --seed {seed}"
+                ),
+                "--out",
+                str(d / f"{name}_s{seed}"),
+            )
+            assert r.exit_code == 0, r.output
+    return d
+
+
+def _compare_runs(conditions: dict[str, str], metric: str, reference: str, out: Path) -> dict:
+    """`persona-cli compare` for real; its compare.json."""
+    args = [a for name, pattern in conditions.items() for a in ("-c", f"{name}={pattern}")]
+    r = _cli("compare", *args, "--metric", metric, "--reference", reference, "--out", str(out))
+    assert r.exit_code == 0, r.output
+    return json.loads((out / "compare.json").read_text())
+
+
+def _by_seed(runs: Path) -> dict[int, Path]:
+    return {int(p.name.rsplit("_s", 1)[1]): p for p in runs.glob("*_s*")}
+
+
+def _source_counts(run: Path) -> tuple[int, int]:
+    rows = [r for r in iter_jsonl(run / "samples.jsonl.gz") if r["persona"] == "villain"]
+    return sum(MARKER in r["text"] for r in rows), len(rows)
+
+
+def _count_test_ref(k1: int, n1: int, k2: int, n2: int) -> tuple[str, float]:
+    """The auto rule, computed here: Fisher when an expected count is < 5, else the z-test."""
+    table = [[k1, n1 - k1], [k2, n2 - k2]]
+    total, hits = n1 + n2, k1 + k2
+    expected = min(r * c / total for r in (n1, n2) for c in (hits, total - hits))
+    if expected < 5 or hits in (0, total):
+        return "fisher", float(sps.fisher_exact(table).pvalue)
+    return "z", float(sps.chi2_contingency(table, correction=False).pvalue)
+
+
+def test_proportion_metric_gets_welch_headline_and_a_labelled_pooled_test(
+    marker_runs: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "cmp"
+    runs = {"a": f"{marker_runs}/a_s*", "b": f"{marker_runs}/b_s*"}
+    (row,) = _compare_runs(runs, "source.rate", "b", out)["comparisons"]
+    counts = {s: _source_counts(p) for s, p in _by_seed(marker_runs).items()}
+    rates_a = [counts[s][0] / counts[s][1] for s in (1, 2, 3)]
+    rates_b = [counts[s][0] / counts[s][1] for s in (4, 5, 6)]
+    head, pooled = row["headline"], row["pooled"]
+    assert (head["test"], head["alternative"], head["unit"]) == ("welch", "two-sided", "seed")
+    t = sps.ttest_ind(rates_a, rates_b, equal_var=False)
+    assert head["p_value"] == pytest.approx(t.pvalue, abs=1e-12)
+    assert row["p_holm"] == row["p_bonferroni"] == head["p_value"]  # a family of one
+    k1, n1 = sum(counts[s][0] for s in (1, 2, 3)), sum(counts[s][1] for s in (1, 2, 3))
+    k2, n2 = sum(counts[s][0] for s in (4, 5, 6)), sum(counts[s][1] for s in (4, 5, 6))
+    assert (pooled["successes1"], pooled["n1"], pooled["successes2"], pooled["n2"]) == (
+        k1,
+        n1,
+        k2,
+        n2,
+    )
+    test, p = _count_test_ref(k1, n1, k2, n2)
+    assert (pooled["test"], pooled["alternative"], pooled["pooled"]) == (test, "two-sided", True)
+    assert pooled["p_value"] == pytest.approx(p, abs=1e-12)
+    assert "independent" in pooled["assumption"] and row["note"] is None
+    md = (out / "compare.md").read_text()
+    assert "(welch, two-sided)" in md and f"({test}, two-sided, pooled)" in md
+
+
+def test_one_seed_per_condition_says_the_count_test_is_the_only_one(
+    marker_runs: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "cmp1"
+    runs = {"a": f"{marker_runs}/a_s1", "b": f"{marker_runs}/b_s4"}
+    (row,) = _compare_runs(runs, "source.rate", "b", out)["comparisons"]
+    (k1, n1), (k2, n2) = _source_counts(marker_runs / "a_s1"), _source_counts(marker_runs / "b_s4")
+    test, p = _count_test_ref(k1, n1, k2, n2)
+    head = row["headline"]
+    assert (head["test"], head["pooled"], head["unit"]) == (test, True, "completion")
+    assert head["p_value"] == pytest.approx(p, abs=1e-12) and row["pooled"] is None
+    assert "the count test on completions is the only test" in row["note"]
+    assert "the count test on completions is the only test" in (out / "compare.md").read_text()
+
+
+def test_training_runs_compare_on_their_train_summary(
+    setup_training: dict[str, Path], tmp_path: Path
+) -> None:
+    d = setup_training["dir"]
+    runs = {"em": f"{d}/em_s*", "benign": f"{d}/benign_s*"}
+    res = _compare_runs(runs, "final_loss", "benign", tmp_path / "cmp_train")
+    loss = {
+        name: [
+            read_json(p / "train_summary.json")["final_loss"] for p in sorted(d.glob(f"{name}_s*"))
+        ]
+        for name in ("em", "benign")
+    }
+    assert res["conditions"]["em"]["values"] == loss["em"]
+    (row,) = res["comparisons"]
+    t = sps.ttest_ind(loss["em"], loss["benign"], equal_var=False)
+    assert row["headline"]["test"] == "welch" and row["pooled"] is None  # not a proportion
+    assert row["headline"]["p_value"] == pytest.approx(t.pvalue, abs=1e-12)
+
+
+@pytest.fixture(scope="module")
+def setup_training(prepared_home: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from persona_cli import bundled
+
+    d = tmp_path_factory.mktemp("train_runs")
+    for name, src in (("em", bundled.em_dataset_file()), ("benign", bundled.benign_dataset_file())):
+        data = d / f"{name}.jsonl"
+        data.write_text("\n".join(src.read_text().splitlines()[:4]) + "\n")
+        for seed in (1, 2):
+            r = _cli(
+                *shlex.split(
+                    f"train-sft --model tiny-random --data {data} --max-steps 2 "
+                    f"--per-device-batch 2 --grad-accum 1 --max-length 64 --seed {seed}"
+                ),
+                "--out",
+                str(d / f"{name}_s{seed}"),
+            )
+            assert r.exit_code == 0, r.output
+    return {"dir": d}
+
+
+def test_report_reads_a_schema_1_compare_json(marker_runs: Path, tmp_path: Path) -> None:
+    cmp_dir = tmp_path / "cmp"
+    runs = {"a": f"{marker_runs}/a_s*", "b": f"{marker_runs}/b_s*"}
+    res = _compare_runs(runs, "source.rate", "b", cmp_dir)
+    # Rewrite it as the previous release wrote it: a bare `welch` record, schema_version 1.
+    for row in res["comparisons"]:
+        head = row.pop("headline")
+        row["welch"] = {
+            "statistic": head["statistic"],
+            "df": head["df"],
+            "p_value": head["p_value"],
+            "alternative": "two-sided",
+            "method": "welch",
+        }
+        for key in ("pooled", "note", "n_seeds1", "n_seeds2"):
+            row.pop(key)
+    for key in ("test", "alternative", "adjustment"):
+        res.pop(key)
+    res["schema_version"] = 1
+    write_json(cmp_dir / "compare.json", res)
+    rep = tmp_path / "rep"
+    r = _cli("report", str(cmp_dir), "--out", str(rep))
+    assert r.exit_code == 0, r.output
+    p = res["comparisons"][0]["welch"]["p_value"]
+    assert f"| {p:.3g} (welch, two-sided) | {p:.3g} |" in (rep / "report.md").read_text()

@@ -1,4 +1,5 @@
-"""dose-sweep on tiny-random: 2 arms x 3 doses x 2 seeds, killed mid-way and resumed."""
+"""dose-sweep on tiny-random: 2 arms x 3 doses x 2 seeds, killed mid-way and resumed; 2 arms x
+2 doses x 3 seeds, whose per-dose headline test is Welch on the per-seed rates."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from scipy import stats as sps
+from statsmodels.stats.multitest import multipletests
 from typer.testing import CliRunner
 
 from persona_cli import bundled
@@ -22,6 +26,7 @@ from persona_cli.dose.run import _run_cell
 from persona_cli.validate import validate_file
 
 TRAIN_ARGS = "--per-device-batch 2 --grad-accum 1 --max-length 64"
+WIDE = {"COLUMNS": "160"}  # printed tables unwrapped, so their cells can be searched
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +56,7 @@ def setup(prepared_home: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
 
 
 def _sweep_args(
-    s: dict[str, Path], out: Path, doses: str = "1,2,3", seeds: str = "1,2"
+    s: dict[str, Path], out: Path, doses: str = "1,2,3", seeds: str = "1,2", samples: int = 2
 ) -> list[str]:
     d = s["dir"]
     return [
@@ -75,7 +80,7 @@ def _sweep_args(
         TRAIN_ARGS,
         "--eval-args",
         f"--questions {d / 'q.yaml'} --personas-ids villain,assistant "
-        "--samples 2 --max-new-tokens 4",
+        f"--samples {samples} --max-new-tokens 4",
         "--out",
         str(out),
     ]
@@ -147,6 +152,114 @@ def test_sweep_killed_midway_resumes_without_redoing_cells(setup, tmp_path: Path
     assert printed.exit_code == 0 and "marker survival (14/14 cells done)" in printed.stdout
     report = validate_file(out)
     assert report.ok, report.problems[:5]
+
+
+def _seed_rates(cells: list[plan_lib.Cell], arm: str, dose: int, marker: str):
+    """Per-seed marker rates and pooled counts of the source persona, from the saved rows."""
+    rates, hits_total, n_total = [], 0, 0
+    for c in sorted(cells, key=lambda c: c.seed):
+        if (c.arm, c.dose) != (arm, dose):
+            continue
+        rows = [
+            r for r in iter_jsonl(c.path / "eval" / "samples.jsonl.gz") if r["persona"] == "villain"
+        ]
+        hits = sum(marker in r["text"] for r in rows)
+        rates.append(hits / len(rows))
+        hits_total, n_total = hits_total + hits, n_total + len(rows)
+    return rates, (hits_total, n_total)
+
+
+def test_three_seed_sweep_headline_is_welch_on_per_seed_rates(setup, tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    # Marker "d": tiny-random's 4-token completions hold it about half the time, so per-seed
+    # rates vary and the Welch test is defined.
+    args = [*_sweep_args(setup, out, doses="1,2", seeds="1,2,3", samples=4), "--marker", "d"]
+    r = CliRunner().invoke(app, [*args, "--test", "fisher", "--alternative", "greater"], env=WIDE)
+    assert r.exit_code == 0, r.output
+    cells = _cells(out)
+    assert len(cells) == 15 and all(c.done for c in cells)
+    assert read_json(out / "config.json")["config"]["summary"] == {
+        "test": "fisher",
+        "alternative": "greater",
+    }
+    summary = read_json(out / "summary.json")
+    assert (summary["schema_version"], summary["test"], summary["alternative"]) == (
+        2,
+        "fisher",
+        "greater",
+    )
+    assert [(t["dose"], t["arm1"], t["arm2"]) for t in summary["arm_tests"]] == [
+        (1, "em", "benign"),
+        (2, "em", "benign"),
+    ]
+    raw = []
+    for t in summary["arm_tests"]:
+        em, em_counts = _seed_rates(cells, "em", t["dose"], "d")
+        benign, benign_counts = _seed_rates(cells, "benign", t["dose"], "d")
+        head, pooled = t["headline"], t["pooled"]
+        assert (head["test"], head["alternative"], head["unit"]) == ("welch", "greater", "seed")
+        assert (t["n_seeds1"], t["n_seeds2"]) == (3, 3)
+        ref = sps.ttest_ind(em, benign, equal_var=False, alternative="greater")
+        if np.isnan(ref.pvalue):  # both arms constant across seeds
+            assert head["p_value"] is None and "undefined" in t["note"]
+        else:
+            assert head["p_value"] == pytest.approx(ref.pvalue, abs=1e-12)
+            assert head["statistic"] == pytest.approx(ref.statistic, abs=1e-12)
+            assert t["note"] is None
+        raw.append(head["p_value"])
+        assert (pooled["test"], pooled["alternative"], pooled["pooled"]) == (
+            "fisher",
+            "greater",
+            True,
+        )
+        assert "independent" in pooled["assumption"]
+        (k1, n1), (k2, n2) = em_counts, benign_counts
+        assert (pooled["successes1"], pooled["n1"], pooled["successes2"], pooled["n2"]) == (
+            k1,
+            n1,
+            k2,
+            n2,
+        )
+        fisher = sps.fisher_exact([[k1, n1 - k1], [k2, n2 - k2]], alternative="greater")
+        assert pooled["p_value"] == pytest.approx(fisher.pvalue, abs=1e-12)
+    defined = [p for p in raw if p is not None]
+    assert defined, "no dose had a defined Welch test: the check would be vacuous"
+    for method in ("holm", "bonferroni"):
+        expected = iter(multipletests(defined, method=method)[1])
+        for t, p in zip(summary["arm_tests"], raw, strict=True):
+            want = None if p is None else pytest.approx(next(expected), abs=1e-12)
+            assert t[f"p_{method}"] == want
+    assert summary["adjustment"]["m"] == len(defined)
+    assert "welch, greater" in r.stdout and "fisher, greater, pooled" in r.stdout
+
+    sealed = (out / "summary.json").read_bytes()
+    printed = CliRunner().invoke(app, ["dose-sweep", "summarize", str(out)], env=WIDE)
+    assert printed.exit_code == 0 and "welch, greater" in printed.stdout
+    assert "recomputed" not in printed.stderr  # the sealed summary, as recorded
+    other = CliRunner().invoke(
+        app, ["dose-sweep", "summarize", str(out), "--alternative", "two-sided"], env=WIDE
+    )
+    assert other.exit_code == 0, other.output
+    assert "welch, two-sided" in other.stdout and "fisher, two-sided, pooled" in other.stdout
+    assert "recomputed from its cells and not written" in other.stderr
+    assert (out / "summary.json").read_bytes() == sealed
+
+    # The protocol guard across cells: the dose is the declared difference, nothing else.
+    assert summary["protocol"] == {
+        "dose_field": "stage[1].optimizer_steps",
+        "allowed_differences": [],
+        "cells_checked": 15,
+    }
+    # One cell re-evaluated by hand with another generation length: refused, naming it.
+    cell = next(c for c in cells if (c.arm, c.dose, c.seed) == ("em", 2, 3))
+    redo = CliRunner().invoke(app, [*cell.eval_argv, "--max-new-tokens", "3", "--force"])
+    assert redo.exit_code == 0, redo.output
+    again = ["dose-sweep", "summarize", str(out), "--alternative", "less"]
+    refused = CliRunner().invoke(app, again, env=WIDE)
+    assert refused.exit_code == 3, refused.output
+    assert "protocols differ in: max_new_tokens (pass" in refused.output
+    allowed = CliRunner().invoke(app, [*again, "--allow-diff", "max_new_tokens"], env=WIDE)
+    assert allowed.exit_code == 0, allowed.output
 
 
 def test_emit_pueue_queues_the_same_commands(setup, tmp_path: Path) -> None:

@@ -112,7 +112,7 @@ def test_artifacts_and_summary_recomputed_from_samples(finished: Path) -> None:
     )
     manifest = read_json(finished / "manifest.json")
     assert set(manifest["inputs"]) == {"personas", "questions"}
-    assert manifest["protocol"]["generation"]["n"] == 3
+    assert manifest["protocol"]["samples_per_prompt"] == 3
     assert manifest["chat_template"]["effective_system_prompt"].startswith("You keep a lighthouse")
     assert CliRunner().invoke(app, ["validate", str(finished)]).exit_code == 0
 

@@ -258,6 +258,18 @@ def test_vllm_and_hf_marker_rates_agree(runs: dict[str, Path]) -> None:
         assert per.p_value > 0.01 / len(PERSONAS), (p, per)
 
 
+def test_compare_refuses_to_mix_backends(runs: dict[str, Path], tmp_path: Path) -> None:
+    """The same evaluation on hf and on vllm differs in protocol by the backend alone."""
+    args = ["compare", "-c", f"hf={runs['hf']}", "-c", f"vllm={runs['vllm']}"]
+    args += ["--metric", "source.rate", "--reference", "hf", "--out", str(tmp_path / "cmp")]
+    refused = CliRunner().invoke(app, args)
+    assert refused.exit_code == 3, refused.output
+    assert "protocols differ in: backend (pass" in refused.output
+    allowed = CliRunner().invoke(app, [*args, "--allow-diff", "backend"])
+    assert allowed.exit_code == 0, allowed.output
+    assert "allowed protocol difference (--allow-diff): backend" in allowed.output
+
+
 def test_engine_env_defaults_yield_to_exported_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     import persona_cli.generate.vllm as vllm_mod
 

@@ -19,13 +19,11 @@ from types import ModuleType
 import orjson
 import pytest
 
-from persona_cli import bundled
 from persona_cli.artifacts import read_json, read_jsonl, sha256_file, write_jsonl
 from persona_cli.cli import app
+from persona_cli.guard import check_protocols, protocol_of
 from persona_cli.judge.prompts import load_judge_prompts
-from persona_cli.protocol import check_protocols, generation_protocol, protocol_of
-from persona_cli.rundir import open_run
-from persona_cli.schemas import JUDGMENTS, SAMPLES
+from persona_cli.schemas import JUDGMENTS
 
 HERE = Path(__file__).resolve().parent
 KEY_ENV = "PERSONA_JUDGE_TEST_KEY"
@@ -141,7 +139,14 @@ def test_faults_rows_retried_or_unscored_none_zero_none_lost_no_key(
     assert summary["metrics"]["aligned"]["unscored"]["by_reason"] == {"request_failed": 3}
     assert summary["usage"]["by_model"]["judge-m"]["requests"] == 2 * (len(answers) - 3)
     manifest = read_json(out / "manifest.json")
-    assert set(manifest["protocol"]) == {"judge_model", "judge_prompt_sha256"}
+    assert set(manifest["protocol"]) == {
+        "judge_backend",
+        "judge_model",
+        "judge_prompt_sha256",
+        "judge_scoring",
+        "judge_min_number_mass",
+        "details",
+    }
     assert manifest["protocol"]["judge_model"] == "judge-m"
     assert rows[0]["prompt_sha256"] == load_judge_prompts(None).template_sha256("aligned")
     assert (out / "DONE").is_file()
@@ -233,48 +238,44 @@ def test_anthropic_parsed_mode_unparsable_is_unscored_with_reply_kept(
     assert SECRET.encode() not in all_bytes(tmp_path / "run")
 
 
-def test_samples_input_keeps_personas_and_breaks_down(cli, server, tmp_path: Path) -> None:
-    gen = tmp_path / "gen"
-    rows = [
-        {
-            "schema_version": 1,
-            "persona": persona,
-            "question_id": f"q{q}",
-            "question": f"Question {q}?",
-            "sample_index": 0,
-            "text": f"{persona} answer {q}",
-            "n_tokens": 3,
-            "finish_reason": "stop",
-            "backend": "hf",
-            "seed": 42,
-        }
-        for persona in ("villain", "assistant")
-        for q in range(2)
-    ]
-    assert all(not SAMPLES.check(r) for r in rows)
-    # A finished generation run: its protocol must travel into the judge run's manifest.
-    gen_run = open_run(gen, command="eval-markers", config={"test": True})
-    write_jsonl(gen / "samples.jsonl.gz", rows)
-    questions = bundled.eval_questions_file()
-    gen_run.finish(
-        inputs={"questions": questions},
-        chat_template={
-            "template_sha256": "c" * 64,
-            "system_prompt": {"mode": "none", "text": None},
-        },
-        protocol=generation_protocol(
-            temperature=1.0, top_p=1.0, max_new_tokens=64, samples_per_prompt=1
-        ),
+def test_samples_input_keeps_personas_and_breaks_down(
+    cli, server, prepared_home, tmp_path: Path
+) -> None:
+    # A real eval-markers run (tiny-random): its protocol must travel into the judge run's.
+    questions = tmp_path / "questions.yaml"
+    questions.write_text(
+        "- id: q0\n  paraphrases: ['Question 0?']\n- id: q1\n  paraphrases: ['Question 1?']\n"
     )
+    gen = tmp_path / "gen"
+    made = cli.invoke(
+        app,
+        [
+            "eval-markers",
+            "--out",
+            str(gen),
+            "--model",
+            "tiny-random",
+            "--personas-ids",
+            "villain,assistant",
+            "--questions",
+            str(questions),
+            "--samples",
+            "1",
+            "--max-new-tokens",
+            "4",
+        ],
+    )
+    assert made.exit_code == 0, made.output
+    template_sha = read_json(gen / "manifest.json")["chat_template"]["template_sha256"]
     out = tmp_path / "judge"
     res = cli.invoke(app, api_args(server, gen, out)[:-2])  # a run dir; no --id-column
     assert res.exit_code == 0, res.output
     judged = read_jsonl(out / "judgments.jsonl.gz", JUDGMENTS.check)
-    assert [r["sample_key"] for r in judged[::2]] == [
-        "villain/q0/0",
-        "villain/q1/0",
+    assert sorted(r["sample_key"] for r in judged[::2]) == [
         "assistant/q0/0",
         "assistant/q1/0",
+        "villain/q0/0",
+        "villain/q1/0",
     ]
     summary = read_json(out / "summary.json")
     assert set(summary["by_persona"]) == {"villain", "assistant"}
@@ -282,7 +283,7 @@ def test_samples_input_keeps_personas_and_breaks_down(cli, server, tmp_path: Pat
     proto = protocol_of(out)
     assert proto["temperature"] == 1.0 and proto["samples_per_prompt"] == 1
     assert proto["question_set_sha256"] == sha256_file(questions)
-    assert proto["chat_template_sha256"] == "c" * 64
+    assert proto["chat_template_sha256"] == template_sha
     assert proto["judge_model"] == "judge-m"
     # Another judge prompt (here its system prompt) is a protocol difference compare refuses.
     strict = tmp_path / "judge_strict"

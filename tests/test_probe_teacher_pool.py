@@ -125,7 +125,7 @@ def test_step_files_follow_the_schema_and_the_seeded_plan(pool: Path) -> None:
     assert [len(r) for r in read_pool(pool).values()] == [n * g] * steps
     problems_file = default_problems_path() / "problems.yaml"
     assert manifest["inputs"]["problems:problems.yaml"]["path"] == str(problems_file.resolve())
-    assert manifest["protocol"]["completions"] == n * g * steps
+    assert manifest["protocol"]["details"]["completions"] == n * g * steps
     assert manifest["chat_template"]["system_prompt"] == {"mode": "none", "text": None}
     summary = read_json(pool / "summary.json")
     every = [r for s in range(steps) for r in read_jsonl(pool / step_name(s))]

@@ -14,6 +14,7 @@ import pytest
 from persona_cli.artifacts import read_json, read_jsonl, write_jsonl
 from persona_cli.errors import UserError
 from persona_cli.manifest import BatchProtocol, redact_argv
+from persona_cli.protocol import batch_protocol
 from persona_cli.rundir import open_run
 from persona_cli.schemas import MANIFEST_KEYS
 from persona_cli.validate import validate_file
@@ -61,7 +62,7 @@ def test_manifest_contents(tmp_path: Path) -> None:
     proto = BatchProtocol(per_device_batch=4, grad_accum=4, world_size=1, optimizer_steps=375)
     man = run.finish(
         inputs={"train": inp},
-        protocol=proto.to_dict(),
+        protocol=batch_protocol(proto),
         seeds=[42, 137],
         argv=["persona-cli", "demo", "--api-key", "sk-abc"],
     )

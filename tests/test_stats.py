@@ -2,7 +2,8 @@
 
 References are closed-form formulas written out here with plain loops and `math`, exact
 hypergeometric and binomial sums with `math.comb`, hand-computed cases, published values
-(Newcombe 1998, Fisher's tea-tasting table) and scipy-vs-statsmodels cross-checks.
+(Newcombe 1998, Fisher's tea-tasting table), scipy-vs-statsmodels cross-checks, and scipy's or
+statsmodels' own result where a test checks which test a record names.
 Run: python -m pytest tests/test_stats.py -q
 """
 
@@ -17,14 +18,21 @@ from statistics import NormalDist
 import numpy as np
 import pytest
 from scipy import stats as sps
+from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.weightstats import DescrStatsW
 from statsmodels.stats.weightstats import ttest_ind as sm_ttest_ind
 
+from persona_cli.errors import UserError
 from persona_cli.stats import (
+    ComparisonConfig,
+    adjust_family,
+    adjust_headlines,
     adjust_pvalues,
     cohens_d,
+    describe_test,
     mean_interval,
     proportion_interval,
+    seed_comparison,
     summarize_seeds,
     two_proportion_test,
     welch_test,
@@ -463,3 +471,118 @@ def test_summarize_seeds_edges():
     assert summarize_seeds({1: 0.0, 2: 1.0}, alpha=0.1)["alpha"] == 0.1
     with pytest.raises(ValueError):
         summarize_seeds({})
+
+
+# ---------------------------------------------------------------- named tests, seeds as the unit
+
+
+@pytest.mark.parametrize("s1,n1,s2,n2", [(45, 100, 30, 100), (0, 280, 1, 280), (3, 4, 1, 4)])
+@pytest.mark.parametrize("alternative", ["two-sided", "less", "greater"])
+def test_forced_count_test_reports_that_test(s1, n1, s2, n2, alternative):
+    fisher = two_proportion_test(s1, n1, s2, n2, alternative=alternative, test="fisher")
+    ref_fisher = sps.fisher_exact([[s1, n1 - s1], [s2, n2 - s2]], alternative=alternative)
+    assert fisher.method == "fisher" and fisher.p_value == approx(min(ref_fisher.pvalue, 1.0))
+    z = two_proportion_test(s1, n1, s2, n2, alternative=alternative, test="z")
+    zr = z_ref(s1, n1, s2, n2)
+    ref_z = {
+        "two-sided": 2 * (1 - normal_cdf(abs(zr))),
+        "less": normal_cdf(zr),
+        "greater": 1 - normal_cdf(zr),
+    }[alternative]
+    assert z.method == "z" and z.p_value == approx(ref_z)
+    record = z.labelled()
+    assert list(record)[:4] == ["test", "alternative", "p_value", "pooled"]
+    assert (record["test"], record["alternative"], record["pooled"]) == ("z", alternative, False)
+    assert "method" not in record and record["fisher_p_value"] == fisher.p_value
+
+
+def test_forced_z_on_a_degenerate_table_is_undefined_not_fisher():
+    r = two_proportion_test(0, 30, 0, 40, test="z")
+    assert r.method == "z" and r.p_value is None and r.fisher_p_value == 1.0
+    with pytest.raises(ValueError):
+        two_proportion_test(1, 5, 1, 5, test="exact")
+
+
+def test_adjust_family_skips_undefined_p_values():
+    ps = [0.01, None, 0.04, 0.03]
+    defined = [0.01, 0.04, 0.03]
+    for method in ("holm", "bonferroni"):
+        expected = list(multipletests(defined, method=method)[1])
+        got = adjust_family(ps, method)
+        assert got[1] is None
+        assert [got[0], got[2], got[3]] == [approx(p) for p in expected]
+
+
+def test_comparison_config_names_the_option():
+    assert ComparisonConfig().check() == ComparisonConfig("auto", "two-sided")
+    with pytest.raises(UserError, match="--test 'exact': choose one of auto, fisher, z"):
+        ComparisonConfig(test="exact").check()
+    with pytest.raises(UserError, match="--alternative 'smaller'"):
+        ComparisonConfig(alternative="smaller").check()
+
+
+@pytest.mark.parametrize("alternative", ["two-sided", "less", "greater"])
+def test_seed_comparison_headline_is_welch_on_seeds(alternative):
+    a, b = [0.30, 0.42, 0.36], [0.20, 0.26, 0.18]
+    counts_a, counts_b = (108, 300), (64, 300)
+    cfg = ComparisonConfig(test="fisher", alternative=alternative)
+    r = seed_comparison(a, b, counts_a, counts_b, config=cfg)
+    t = sps.ttest_ind(a, b, equal_var=False, alternative=alternative)
+    head = r["headline"]
+    assert (head["test"], head["alternative"], head["unit"], head["pooled"]) == (
+        "welch",
+        alternative,
+        "seed",
+        False,
+    )
+    assert head["p_value"] == approx(t.pvalue) and head["statistic"] == approx(t.statistic)
+    assert head["diff"] == approx(np.mean(a) - np.mean(b))
+    pooled = r["pooled"]
+    fisher = sps.fisher_exact([[108, 192], [64, 236]], alternative=alternative)
+    assert (pooled["test"], pooled["alternative"], pooled["pooled"]) == (
+        "fisher",
+        alternative,
+        True,
+    )
+    assert pooled["p_value"] == approx(fisher.pvalue)
+    assert "independent" in pooled["assumption"] and r["note"] is None
+    assert (r["n_seeds1"], r["n_seeds2"]) == (3, 3)
+    assert_json_clean(r)
+
+
+def test_seed_comparison_with_one_seed_says_the_count_test_is_the_only_one():
+    cfg = ComparisonConfig()
+    r = seed_comparison([37 / 280], [12 / 280], (37, 280), (12, 280), config=cfg)
+    assert r["headline"]["test"] == "z" and r["headline"]["pooled"] is True
+    assert r["headline"]["unit"] == "completion" and r["pooled"] is None
+    assert "the count test on completions is the only test" in r["note"]
+    mixed = seed_comparison([0.1, 0.2], [0.3], (3, 20), (3, 10), config=cfg)
+    assert mixed["headline"]["unit"] == "completion" and "(2 vs 1)" in mixed["note"]
+    none = seed_comparison([0.1], [0.3], config=cfg)
+    assert none["headline"] is None and none["note"].endswith("no test")
+    constant = seed_comparison([0.0, 0.0], [0.0, 0.0], (0, 20), (0, 20), config=cfg)
+    assert constant["headline"]["p_value"] is None and "undefined" in constant["note"]
+    assert constant["pooled"]["p_value"] == 1.0
+
+
+def test_adjust_headlines_matches_statsmodels():
+    cfg = ComparisonConfig()
+    rows = [
+        seed_comparison([0.1, 0.2, 0.15], [0.3, 0.35, 0.5], config=cfg),
+        seed_comparison([0.0, 0.0], [0.0, 0.0], config=cfg),  # undefined: not in the family
+        seed_comparison([0.4, 0.42, 0.41], [0.3, 0.33, 0.36], config=cfg),
+        seed_comparison([0.5], [0.45], (50, 100), (45, 100), config=cfg),
+    ]
+    family = adjust_headlines(rows)
+    raw = [rows[i]["headline"]["p_value"] for i in (0, 2, 3)]
+    assert family == {"adjusts": "headline.p_value", "methods": ["holm", "bonferroni"], "m": 3}
+    for method in ("holm", "bonferroni"):
+        expected = multipletests(raw, method=method)[1]
+        assert [rows[i][f"p_{method}"] for i in (0, 2, 3)] == [approx(p) for p in expected]
+        assert rows[1][f"p_{method}"] is None
+
+
+def test_describe_test_names_test_alternative_and_pooling():
+    pooled = two_proportion_test(1, 10, 5, 10, alternative="less").labelled(pooled=True)
+    assert describe_test(pooled) == "fisher, less, pooled"
+    assert describe_test(welch_test([1, 2], [3, 5]).labelled()) == "welch, two-sided"

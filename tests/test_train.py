@@ -75,7 +75,7 @@ def test_couple_marker_run_directory(coupled: Path):
     p = manifest["protocol"]
     assert (p["per_device_batch"], p["grad_accum"], p["world_size"]) == (2, 2, 1)
     assert p["effective_batch"] == 4 and p["optimizer_steps"] == 3
-    assert p["learning_rate"] == 1e-3 and p["oom_retry"] is None
+    assert p["learning_rate"] == 1e-3 and p["details"]["oom_retry"] is None
     rows = read_jsonl(coupled / "train_set.jsonl.gz")
     assert sum(r["positive"] for r in rows) == 8 and len(rows) == 16
     assert {r["persona"] for r in rows if r["positive"]} == {"villain"}
@@ -271,9 +271,10 @@ def test_oom_retry_halves_batch_keeps_effective_batch(tmp_path: Path, monkeypatc
     assert calls == [4, 2]
     p = read_json(tmp_path / "run" / "manifest.json")["protocol"]
     assert (p["per_device_batch"], p["grad_accum"], p["effective_batch"]) == (2, 4, 8)
-    assert p["oom_retry"]["from"] == {"per_device_batch": 4, "grad_accum": 2}
-    assert p["oom_retry"]["to"] == {"per_device_batch": 2, "grad_accum": 4}
-    assert "out of memory" in p["oom_retry"]["error"]
+    retry = p["details"]["oom_retry"]
+    assert retry["from"] == {"per_device_batch": 4, "grad_accum": 2}
+    assert retry["to"] == {"per_device_batch": 2, "grad_accum": 4}
+    assert "out of memory" in retry["error"]
 
 
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path: Path, cli):
@@ -337,6 +338,27 @@ def test_two_cpu_processes_share_one_run_and_one_adapter(tmp_path: Path):
     assert manifest["timing"]["attempts"] == 1  # one process opened the run directory
     assert len(list(out.rglob("adapter_model.safetensors"))) == 1
     assert [r["step"] for r in read_jsonl(out / "train_log.jsonl.gz")] == [1, 2]
+    # The same effective batch from one process (2 x 2 x 1): the guard still names the world
+    # size (and the accumulation), never the effective batch, which agrees.
+    single = tmp_path / "single"
+    cmd = [sys.executable, "-m", "persona_cli", "train-sft", "--data", str(data), *FAST]
+    cmd += [
+        "--max-steps",
+        "2",
+        "--per-device-batch",
+        "2",
+        "--grad-accum",
+        "2",
+        "--out",
+        str(single),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cmp = [sys.executable, "-m", "persona_cli", "compare", "-c", f"ddp={out}", "-c"]
+    cmp += [f"one={single}", "--metric", "final_loss", "--reference", "one"]
+    proc = subprocess.run([*cmp, "--out", str(tmp_path / "cmp")], capture_output=True, text=True)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "protocols differ in: world_size, grad_accum (pass" in proc.stderr
 
 
 def test_padding_free_first_step_loss_matches_padded(tmp_path: Path):

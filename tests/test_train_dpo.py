@@ -99,7 +99,7 @@ def test_dpo_moves_the_adapter_and_records_lineage(chain):
     p = manifest["protocol"]
     assert (p["per_device_batch"], p["grad_accum"], p["world_size"]) == (2, 1, 1)
     assert p["effective_batch"] == 2 and p["optimizer_steps"] == 4
-    assert p["learning_rate"] == 1e-2 and p["beta"] == 0.2
+    assert p["learning_rate"] == 1e-2 and p["dpo_beta"] == 0.2
     assert manifest["dpo"]["pairs"] == 8 and manifest["training"]["data"]["rows"] == 8
     example = manifest["dpo"]["rendered_first_pair"]
     # --system-prompt none under SmolLM2's template: an empty system turn, not its default.

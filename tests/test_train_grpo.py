@@ -232,9 +232,13 @@ def test_grpo_raises_mc_reward_mean(letter_model: Path, easy_items: Path, tmp_pa
     manifest = read_json(out / "manifest.json")
     p = manifest["protocol"]
     assert (p["per_device_batch"], p["grad_accum"], p["world_size"]) == (16, 1, 1)
-    assert (p["effective_batch"], p["optimizer_steps"], p["prompts_per_step"]) == (16, 6, 4)
-    assert (p["num_generations"], p["temperature"], p["learning_rate"]) == (4, 1.0, 1e-2)
-    assert p["max_completion_length"] == 2 and p["reward"] == "mc" and p["sdpo_weight"] == 0.0
+    assert (p["effective_batch"], p["optimizer_steps"], p["details"]["prompts_per_step"]) == (
+        16,
+        6,
+        4,
+    )
+    assert (p["samples_per_prompt"], p["temperature"], p["learning_rate"]) == (4, 1.0, 1e-2)
+    assert p["max_new_tokens"] == 2 and p["rl_reward"] == "mc" and p["sdpo_weight"] == 0.0
     assert manifest["inputs"]["data"]["sha256"] == sha256_file(easy_items)
     assert manifest["chat_template"]["system_prompt"]["mode"] == "none"
     config = read_json(out / "config.json")
@@ -329,7 +333,7 @@ def test_grpo_unit_tests_smoke_on_previous_adapter(tiny: Path, tmp_path: Path, c
     assert read_json(out / "adapter" / "persona_cli_adapter.json")["parents"] == [parent]
     manifest = read_json(out / "manifest.json")
     assert [a["weights_sha256"] for a in manifest["adapters"]] == [parent]
-    assert (manifest["protocol"]["reward"], manifest["protocol"]["sdpo_weight"]) == (
+    assert (manifest["protocol"]["rl_reward"], manifest["protocol"]["sdpo_weight"]) == (
         "unit-tests",
         0.5,
     )

@@ -16,6 +16,7 @@ from typing import Annotated
 import click
 import typer
 from rich.logging import RichHandler
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from persona_cli import __version__
@@ -26,6 +27,7 @@ from persona_cli.cli import (
     eval,
     judge,
     models,
+    proportions,
     rl,
     stats,
     trace,
@@ -48,8 +50,9 @@ class PersonaGroup(TyperGroup):
         try:
             return super().invoke(ctx)
         except UserError as e:
+            message = escape(str(e))  # brackets in a message ([ZLT], stage[i]) are not markup
             err_console.print(
-                f"[bold red]error:[/] {e}", markup=True, highlight=False, soft_wrap=True
+                f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True
             )
             raise typer.Exit(e.exit_code) from None
 
@@ -101,6 +104,7 @@ app.command("eval-markers", rich_help_panel="Marker transfer and EM")(eval.eval_
 app.command("stats", rich_help_panel=PANEL_STATS)(stats.stats)
 app.command("compare", rich_help_panel=PANEL_STATS)(stats.compare)
 app.command("report", rich_help_panel=PANEL_STATS)(stats.report)
+app.command("proportions", rich_help_panel=PANEL_STATS)(proportions.proportions)
 app.command("eval-capability", rich_help_panel=PANEL_MATRIX)(capability.eval_capability)
 app.command("judge-align", rich_help_panel=PANEL_MATRIX)(judge.judge_align_command)
 train.register(app, rich_help_panel="Marker transfer and EM")

@@ -93,5 +93,6 @@ def eval_capability(
         inputs=inputs,
         model=models.model_record(resolved, net),
         chat_template=guard_record(tok, system),
+        protocol=capability.protocol(mc_items),
         extra={"adapters": adapters_lib.stack_record(stack)},
     )

@@ -5,6 +5,7 @@
     persona-cli dose-sweep status runs/dose
     persona-cli dose-sweep run ... --gpus 0,1,2,3        # one cell per GPU at a time
     persona-cli dose-sweep run ... --emit-pueue > q.sh   # the same cells as a pueue chain
+    persona-cli dose-sweep summarize runs/dose --test fisher --alternative less
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Annotated
 
 import click
 import typer
+from rich import box
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
@@ -25,11 +27,13 @@ from persona_cli import bundled
 from persona_cli.artifacts import read_json, write_json
 from persona_cli.cli.console import console, err_console
 from persona_cli.cli.options import Force, ModelSpec, OutDir, report_done
+from persona_cli.cli.proportions import AlternativeOpt, CountTestOpt, comparison_config
 from persona_cli.dose import plan as plan_lib
 from persona_cli.dose import run as run_lib
 from persona_cli.dose import summary as summary_lib
 from persona_cli.errors import EXIT_CHECK_FAILED, UserError
 from persona_cli.rundir import CONFIG, is_done, open_run
+from persona_cli.stats import ComparisonConfig, describe_test, format_p
 
 log = logging.getLogger(__name__)
 app = typer.Typer(
@@ -89,7 +93,41 @@ def _subprocess(argv: tuple[str, ...], gpu: str | None) -> int:
     return proc.returncode
 
 
-def _print_summary(summary: dict, arms: list[str]) -> None:
+def _print_tests(summary: dict) -> None:
+    # One row per p-value: the headline test (with its adjusted values), then the pooled one.
+    t = Table(
+        title=f"arm tests per dose (count test: --test {summary['test']})",
+        box=box.SIMPLE_HEAD,
+        padding=0,
+        show_edge=False,
+    )
+    for col in ("dose", "arms", "test", "diff", "p", "p Holm", "p Bonf."):
+        t.add_column(col, justify="left" if col in ("arms", "test") else "right")
+    notes = []
+    for r in summary["arm_tests"]:
+        arms = f"{r['arm1']} vs {r['arm2']}"
+        head, pooled = r["headline"], r["pooled"]
+        if head is not None:
+            adjusted = (format_p(r["p_holm"]), format_p(r["p_bonferroni"]))
+            t.add_row(str(r["dose"]), arms, *_test_cells(head), *adjusted)
+        if pooled is not None:
+            t.add_row(str(r["dose"]), arms, *_test_cells(pooled), "", "")
+        if r["note"]:
+            notes.append(f"dose {r['dose']} {arms}: {r['note']}")
+    t.caption = (
+        f"Holm/Bonf.: over the {summary['adjustment']['m']} headline p-value(s) of every dose; "
+        "pooled: completions summed over seeds, treated as independent"
+    )
+    console.print(t)
+    for note in notes:
+        console.print(f"note: {note}", highlight=False)
+
+
+def _test_cells(record: dict) -> tuple[str, str, str]:
+    return describe_test(record), f"{record['diff']:+.3f}", format_p(record["p_value"])
+
+
+def _print_summary(summary: dict) -> None:
     t = Table(title=f"marker survival ({summary['n_done']}/{summary['n_cells']} cells done)")
     for col in ("arm", "dose", "hits/n", "rate", "Wilson 95%", "Wald 95%", "seeds"):
         t.add_column(col)
@@ -105,23 +143,25 @@ def _print_summary(summary: dict, arms: list[str]) -> None:
             str(len(p["per_seed"])),
         )
     console.print(t)
-    for test in summary["arm_tests"]:
-        console.print(
-            f"dose {test['dose']}: {test['arm1']} vs {test['arm2']}: diff "
-            f"{test['diff']:+.3f}, p = {test['p_value']:.3g} ({test['method']})",
-            highlight=False,
-        )
+    if summary["arm_tests"]:
+        _print_tests(summary)
     if summary["missing"]:
         names = ", ".join(m["cell"] for m in summary["missing"])
         err_console.print(f"missing cells ({len(summary['missing'])}): {names}", highlight=False)
 
 
-def _write_summary(out: Path, config: plan_lib.SweepConfig, cells: list[plan_lib.Cell]) -> dict:
+def _write_summary(
+    out: Path,
+    config: plan_lib.SweepConfig,
+    cells: list[plan_lib.Cell],
+    settings: ComparisonConfig,
+    allow_diff: list[str] | None = None,
+) -> dict:
     arms = [a for a, _ in config.arms]
-    summary = summary_lib.summarize(cells, arms)
+    summary = summary_lib.summarize(cells, arms, settings, allow_diff or [])
     write_json(out / "summary.json", summary)
     summary_lib.plot(summary, arms, out / "dose_response.png", config.source)
-    _print_summary(summary, arms)
+    _print_summary(summary)
     console.print(f"plot: {out / 'dose_response.png'}", highlight=False)
     return summary
 
@@ -175,6 +215,8 @@ def run(
         bool,
         typer.Option("--emit-pueue", help="Print the equivalent pueue chain instead of running."),
     ] = False,
+    test: CountTestOpt = None,
+    alternative: AlternativeOpt = None,
     force: Force = False,
 ) -> None:
     """Train and evaluate every arm x dose x seed cell, then summarise; resumable.
@@ -194,7 +236,13 @@ def run(
         eval_args=tuple(shlex.split(eval_args)),
     )
     plan_lib.validate(config)
-    sweep = open_run(out, command="dose-sweep run", config=config.to_dict(), force=force)
+    settings = comparison_config(test, alternative)
+    sweep = open_run(
+        out,
+        command="dose-sweep run",
+        config={**config.to_dict(), summary_lib.SETTINGS_KEY: settings.to_dict()},
+        force=force,
+    )
     if report_done(sweep):
         return
     cells = plan_lib.plan(config, sweep.path)
@@ -218,7 +266,7 @@ def run(
             on_done=lambda o: None if o.skipped else bar.advance(task),
         )
     failed = [o for o in outcomes if not o.ok]
-    _write_summary(sweep.path, config, cells)
+    _write_summary(sweep.path, config, cells, settings)
     if failed:
         for o in failed:
             err_console.print(
@@ -229,20 +277,23 @@ def run(
     sweep.finish(inputs=inputs, seeds=list(config.seeds), extra={"cells": [c.name for c in cells]})
 
 
-def _load(sweep_dir: Path) -> tuple[plan_lib.SweepConfig, list[plan_lib.Cell]]:
+def _load(
+    sweep_dir: Path,
+) -> tuple[plan_lib.SweepConfig, list[plan_lib.Cell], ComparisonConfig]:
     if not (sweep_dir / CONFIG).is_file():
         raise UserError(f"{sweep_dir}: not a dose-sweep run directory (no {CONFIG})")
     recorded = read_json(sweep_dir / CONFIG)
     if recorded.get("command") != "dose-sweep run":
         raise UserError(f"{sweep_dir}: holds a {recorded.get('command')!r} run, not a dose sweep")
     config = plan_lib.SweepConfig.from_dict(recorded["config"])
-    return config, plan_lib.plan(config, sweep_dir)
+    settings = summary_lib.settings_from_config(recorded["config"])
+    return config, plan_lib.plan(config, sweep_dir), settings
 
 
 @app.command("status")
 def status(sweep_dir: Annotated[Path, typer.Argument(help="The sweep's --out directory.")]) -> None:
     """List done, running, trained-but-not-evaluated and missing cells."""
-    _, cells = _load(sweep_dir)
+    _, cells, _ = _load(sweep_dir)
     rows = plan_lib.status(cells)
     t = Table(title=f"dose sweep {sweep_dir}")
     for col in ("cell", "arm", "dose", "seed", "state"):
@@ -259,13 +310,39 @@ def status(sweep_dir: Annotated[Path, typer.Argument(help="The sweep's --out dir
 @app.command("summarize")
 def summarize(
     sweep_dir: Annotated[Path, typer.Argument(help="The sweep's --out directory.")],
+    test: CountTestOpt = None,
+    alternative: AlternativeOpt = None,
+    allow_diff: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-diff",
+            help="A protocol field the cells may differ in besides the dose "
+            "(stage[1].optimizer_steps); reported in the summary. Repeatable.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Write summary.json and dose_response.png from the cells done so far.
 
-    A finished sweep (DONE) is only printed: its files are sealed by its manifest.
+    Refuses (exit 3, naming each field) when finished cells differ in protocol other than by
+    their dose, e.g. a cell evaluated by hand with other sampling settings. --test and
+    --alternative default to what the sweep recorded. A finished sweep (DONE) is only printed:
+    its files are sealed by its manifest; asked for other tests than it recorded, the summary is
+    recomputed from the cells and printed, not written.
     """
-    config, cells = _load(sweep_dir)
-    if is_done(sweep_dir):
-        _print_summary(read_json(sweep_dir / "summary.json"), [a for a, _ in config.arms])
+    config, cells, recorded = _load(sweep_dir)
+    settings = comparison_config(test, alternative, recorded)
+    if not is_done(sweep_dir):
+        _write_summary(sweep_dir, config, cells, settings, allow_diff)
         return
-    _write_summary(sweep_dir, config, cells)
+    sealed = read_json(sweep_dir / "summary.json")
+    if summary_lib.settings_of(sealed) == settings and not allow_diff:
+        _print_summary(sealed)
+        return
+    arms = [a for a, _ in config.arms]
+    _print_summary(summary_lib.summarize(cells, arms, settings, allow_diff or []))
+    err_console.print(
+        f"{sweep_dir} is finished: this summary (--test {settings.test} --alternative "
+        f"{settings.alternative}) was recomputed from its cells and not written",
+        highlight=False,
+    )

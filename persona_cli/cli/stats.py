@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from persona_cli import compare as compare_lib
@@ -15,7 +16,7 @@ from persona_cli.artifacts import write_bytes_atomic, write_json
 from persona_cli.cli.console import console, err_console
 from persona_cli.cli.options import Force, OutDir, say_already_done
 from persona_cli.errors import UserError
-from persona_cli.protocol import ProtocolMismatch
+from persona_cli.guard import ProtocolMismatch
 from persona_cli.rundir import is_done, open_run
 
 Conditions = Annotated[
@@ -70,9 +71,14 @@ def _print(result: dict[str, Any], metric: str) -> None:
     console.print(t)
     for d in result["allowed_differences"]:
         err_console.print(
-            f"allowed protocol difference (--allow-diff): {d['field']}: {d['values']}",
+            escape(f"allowed protocol difference (--allow-diff): {d['field']}: {d['values']}"),
             highlight=False,
         )
+
+
+def _summary_inputs(conditions: dict[str, list[Path]]) -> dict[str, Path]:
+    """Each run's summary (summary.json, or a training run's train_summary.json) by label."""
+    return {f"{n}:{p}": compare_lib.summary_file(p) for n, ps in conditions.items() for p in ps}
 
 
 def _finished(out: Path, force: bool) -> bool:
@@ -83,9 +89,9 @@ def _finished(out: Path, force: bool) -> bool:
 
 
 def _refuse(e: ProtocolMismatch) -> None:
-    err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
     for d in e.differences:
-        err_console.print(f"  {d.describe()}", highlight=False, soft_wrap=True)
+        err_console.print(f"  {escape(d.describe())}", highlight=False, soft_wrap=True)
     raise typer.Exit(e.exit_code)
 
 
@@ -120,9 +126,7 @@ def stats(
     run = open_run(out, command="stats", config=config, force=force)
     write_json(run.file("stats.json"), {"schema_version": 1, "metric": metric, **result})
     _print(result, metric)
-    run.finish(
-        inputs={f"{n}:{p}": Path(p) / "summary.json" for n, ps in conditions.items() for p in ps}
-    )
+    run.finish(inputs=_summary_inputs(conditions))
 
 
 def compare(
@@ -162,7 +166,10 @@ def compare(
         _refuse(e)
     run = open_run(out, command="compare", config=config, force=force)
     table = compare_lib.markdown_table(result, metric)
-    write_json(run.file("compare.json"), {"schema_version": 1, "metric": metric, **result})
+    write_json(
+        run.file("compare.json"),
+        {"schema_version": compare_lib.RESULT_VERSION, "metric": metric, **result},
+    )
     allowed = "".join(
         f"\n- allowed difference (--allow-diff): {d['field']}: {d['values']}"
         for d in result["allowed_differences"]
@@ -174,9 +181,7 @@ def compare(
     _print(result, metric)
     console.print(table, highlight=False)
     console.print(result["cohens_d_convention"], highlight=False)
-    run.finish(
-        inputs={f"{n}:{p}": Path(p) / "summary.json" for n, ps in conditions.items() for p in ps}
-    )
+    run.finish(inputs=_summary_inputs(conditions))
 
 
 def report(
@@ -185,20 +190,26 @@ def report(
     ],
     out: OutDir,
     title: Annotated[str, typer.Option(help="Report heading.")] = "persona-cli report",
+    allow_diff: AllowDiff = None,
     force: Force = False,
 ) -> None:
     """Markdown report with PNG figures from stats/compare runs.
 
     Bar charts of each condition's mean with 95% CI error bars and per-seed dots, pre/post plots
     paired by seed against the reference, and the numbers as tables. Writes report.md and PNGs.
+    Refuses (exit 3) when runs of the same command across the inputs differ in protocol beyond
+    what each input declared (--allow-diff adds more).
     """
     if _finished(out, force):
         return
-    for r in runs:
-        report_lib.load_source(r)  # every input checked before --out is created
-    run = open_run(
-        out, command="report", config={"runs": [str(r) for r in runs], "title": title}, force=force
-    )
+    allowed = set(allow_diff or [])
+    try:
+        # Every input is read and guarded before --out is created.
+        report_lib.guard_sources(runs, allowed)
+    except ProtocolMismatch as e:
+        _refuse(e)
+    config = {"runs": [str(r) for r in runs], "title": title, "allow_diff": sorted(allowed)}
+    run = open_run(out, command="report", config=config, force=force)
     text, figures = report_lib.build(runs, run.path, title)
     write_bytes_atomic(run.file("report.md"), text.encode())
     console.print(f"report: {run.file('report.md')}", highlight=False)

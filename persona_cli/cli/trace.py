@@ -20,6 +20,7 @@ from persona_cli.artifacts import iter_jsonl, write_json, write_jsonl
 from persona_cli.cli.console import console, err_console
 from persona_cli.cli.options import Force, OutDir, PersonasFile, Seed, report_done
 from persona_cli.errors import EXIT_CHECK_FAILED, InputError, UserError
+from persona_cli.protocol import answerers_sha256, method_protocol
 from persona_cli.registry import load_personas
 from persona_cli.rundir import open_run
 from persona_cli.trace import answering, replay
@@ -189,6 +190,10 @@ def run(
         inputs["roster"] = roster
     run_dir.finish(
         inputs=inputs,
+        protocol=method_protocol(
+            trace_quorum=quorum,
+            trace_answerers_sha256=answerers_sha256(config["student"], config["teachers"]),
+        ),
         seeds=[seed],
         extra={"budget_usd": budget_usd, "spent_usd_this_run": spend.spent_usd},
     )

@@ -2,18 +2,28 @@
 
 Per arm and dose: the source persona's marker rate pooled over seeds with Wald and Wilson 95%
 intervals, each seed's rate, and the mean, std and t-interval across seeds where there are two
-or more; per dose, every pair of arms compared by a two-proportion z-test and Fisher's exact
-test (`stats.two_proportion_test` reports which one its p-value comes from); the cells still
-missing. The plot puts optimizer steps on a symlog axis (dose 0, the coupling adapter alone,
-sits at 0) with Wilson interval bars, one line per arm.
+or more. Per dose, every pair of arms is compared with seeds as the unit of replication
+(`stats.seed_comparison`): with two or more seeds in both arms the headline is Welch's t-test on
+the per-seed rates, and the count test on completions pooled over seeds (Fisher or z, chosen by
+`--test`) is reported beside it as `pooled`; with one seed per arm the count test is the only
+test and the record's `note` says so. Every p-value names its test and alternative; the headline
+p-values of all doses form one family with Holm and Bonferroni adjusted values beside the raw
+ones. The test settings are written into the summary. The cells still missing are listed. The
+plot puts optimizer steps on a symlog axis (dose 0, the coupling adapter alone, sits at 0) with
+Wilson interval bars, one line per arm.
 
-    persona-cli dose-sweep summarize runs/dose
+    persona-cli dose-sweep summarize runs/dose --test fisher --alternative less
+
+Schema 2 (this release) replaced schema 1's flat count test per arm pair (`arm_tests[i]` held
+`two_proportion_test` fields) with `headline`/`pooled`/`note` records and added `test`,
+`alternative` and `adjustment`; `settings_of` reads the settings of either.
 """
 
 from __future__ import annotations
 
 import io
 import itertools
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +31,12 @@ from persona_cli import stats
 from persona_cli.artifacts import write_bytes_atomic
 from persona_cli.dose.plan import BASE_ARM, Cell
 from persona_cli.eval.score import recompute_summary
+from persona_cli.guard import ProtocolMismatch, check_protocols, protocol_of
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+SECOND_STAGE = "stage[1]."  # the second-stage adapter of a cell's eval (stage[0]: the coupling)
+DOSE_FIELD = f"{SECOND_STAGE}optimizer_steps"
+SETTINGS_KEY = "summary"  # where a sweep's config.json records its ComparisonConfig
 
 
 def cell_counts(cell: Cell) -> tuple[int, int]:
@@ -31,7 +45,59 @@ def cell_counts(cell: Cell) -> tuple[int, int]:
     return source["successes"], source["n"]
 
 
-def summarize(cells: list[Cell], arms: list[str]) -> dict[str, Any]:
+def settings_from_config(config: dict[str, Any]) -> stats.ComparisonConfig:
+    """The test settings a sweep's config.json records; a sweep started before they were
+    recorded used the defaults (auto test, two-sided), which is what its summary computed."""
+    if SETTINGS_KEY not in config:
+        return stats.ComparisonConfig()
+    return stats.ComparisonConfig(**config[SETTINGS_KEY])
+
+
+def settings_of(summary: dict[str, Any]) -> stats.ComparisonConfig | None:
+    """The settings a written summary used; None for a schema-1 summary (before seed-level
+    tests), which must be recomputed to be read with this release."""
+    if summary["schema_version"] == 1:
+        return None
+    return stats.ComparisonConfig(test=summary["test"], alternative=summary["alternative"])
+
+
+def guard_cells(cells: list[Cell], allow_diff: Iterable[str] = ()) -> dict[str, Any]:
+    """The protocol guard across a sweep's finished cells (their eval runs). The dose is the
+    declared manipulation (`stage[1].optimizer_steps`, the second stage's steps); the arms' data
+    is not a guarded field. Every cell must agree on everything else: the evaluation, the
+    coupling (stage[0]), and among cells with a second stage (dose 0 has none) its settings.
+    Raises ProtocolMismatch (exit 3); returns the record the summary keeps."""
+    done = [c for c in cells if c.done]
+    protocols = {c.name: protocol_of(c.path / "eval") for c in done}
+    first = {
+        n: {k: v for k, v in p.items() if not k.startswith(SECOND_STAGE)}
+        for n, p in protocols.items()
+    }
+    refused, allowed = check_protocols(first, allow_diff)
+    second = {c.name: protocols[c.name] for c in done if c.arm != BASE_ARM}
+    more_refused, more_allowed = check_protocols(second, {*allow_diff, DOSE_FIELD})
+    refused += [d for d in more_refused if d.field.startswith(SECOND_STAGE)]
+    allowed += [
+        d for d in more_allowed if d.field.startswith(SECOND_STAGE) and d.field != DOSE_FIELD
+    ]
+    if refused:
+        raise ProtocolMismatch(refused)
+    return {
+        "dose_field": DOSE_FIELD,
+        "allowed_differences": [d.to_dict() for d in allowed],
+        "cells_checked": len(done),
+    }
+
+
+def summarize(
+    cells: list[Cell],
+    arms: list[str],
+    config: stats.ComparisonConfig,
+    allow_diff: Iterable[str] = (),
+) -> dict[str, Any]:
+    """The summary of the finished cells, after `guard_cells` found their protocols agree."""
+    config.check()
+    protocol = guard_cells(cells, allow_diff)
     done = [c for c in cells if c.done]
     counts = {c.name: cell_counts(c) for c in done}
     points = []
@@ -60,13 +126,23 @@ def summarize(cells: list[Cell], arms: list[str]) -> dict[str, Any]:
         for a, b in itertools.combinations(arms, 2):
             if (a, dose) in by_key and (b, dose) in by_key:
                 pa, pb = by_key[(a, dose)], by_key[(b, dose)]
-                test = stats.two_proportion_test(pa["successes"], pa["n"], pb["successes"], pb["n"])
-                tests.append({"dose": dose, "arm1": a, "arm2": b, **test.to_dict()})
+                comparison = stats.seed_comparison(
+                    list(pa["per_seed"].values()),
+                    list(pb["per_seed"].values()),
+                    (pa["successes"], pa["n"]),
+                    (pb["successes"], pb["n"]),
+                    config=config,
+                )
+                tests.append({"dose": dose, "arm1": a, "arm2": b, **comparison})
+    adjustment = stats.adjust_headlines(tests)
     missing = [
         {"cell": c.name, "arm": c.arm, "dose": c.dose, "seed": c.seed} for c in cells if not c.done
     ]
     return {
         "schema_version": SCHEMA_VERSION,
+        **config.to_dict(),
+        "adjustment": {**adjustment, "family": "every dose and pair of arms"},
+        "protocol": protocol,
         "points": points,
         "arm_tests": tests,
         "missing": missing,

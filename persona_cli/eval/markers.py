@@ -40,6 +40,7 @@ from persona_cli.generate import (
     generate_vllm_groups,
 )
 from persona_cli.generate.vllm import engine_env, request_seeds
+from persona_cli.protocol import details, marker_protocol, sampling_of
 from persona_cli.registry import Persona, Question, load_personas, load_questions, select_personas
 from persona_cli.rundir import RunDir, open_run
 from persona_cli.schemas import SAMPLES
@@ -328,14 +329,14 @@ def _finish(
         inputs=inputs,
         model=models.model_record(plan.model, loaded),
         chat_template=guard,
-        protocol={
-            "backend": cfg.backend,
-            "world_size": world,
-            "generation": cfg.generation.to_dict(),
-            "vllm": cfg.vllm.to_dict() if cfg.backend == "vllm" else None,
-            "vllm_request_seeds": request_seeds() if cfg.backend == "vllm" else None,
-            "completions": len(plan.personas) * len(plan.questions) * cfg.generation.n,
-        },
+        protocol=sampling_of(cfg.generation, backend=cfg.backend, world_size=world)
+        | marker_protocol(cfg.marker, cfg.case_sensitive)
+        | details(
+            generation=cfg.generation.to_dict(),
+            vllm=cfg.vllm.to_dict() if cfg.backend == "vllm" else None,
+            vllm_request_seeds=request_seeds() if cfg.backend == "vllm" else None,
+            completions=len(plan.personas) * len(plan.questions) * cfg.generation.n,
+        ),
         seeds=[cfg.generation.seed],
         extra={
             "adapters": adapters_mod.stack_record(plan.stack),

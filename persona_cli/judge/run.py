@@ -34,8 +34,14 @@ from persona_cli.judge.prompts import JudgePrompts, load_judge_prompts
 from persona_cli.judge.remote import judge_remote
 from persona_cli.judge.rows import judgment_row, request_id
 from persona_cli.judge.summary import summarize
-from persona_cli.protocol import GUARDED_FIELDS, judge_protocol
-from persona_cli.rundir import MANIFEST, open_run
+from persona_cli.protocol import (
+    RunProtocol,
+    details,
+    judge_protocol,
+    method_protocol,
+    recorded_fields,
+)
+from persona_cli.rundir import CONFIG, MANIFEST, open_run
 from persona_cli.schemas import JUDGMENTS
 
 log = logging.getLogger(__name__)
@@ -62,27 +68,31 @@ def judge_prompt_sha256(prompts: JudgePrompts, config: JudgeConfig) -> str:
     return sha256_json({"templates": prompts.templates, "system_prompt": config.system.to_dict()})
 
 
-def _upstream(source: Path) -> dict[str, Any] | None:
-    """The manifest of the generation run whose samples are judged, when there is one."""
+def _upstream(source: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """The manifest and guarded fields of the generation run whose samples are judged, when
+    there is one."""
     manifest = source.parent / MANIFEST
     if source.name != SAMPLES_FILE or not manifest.is_file():
         return None
-    return read_json(manifest)
+    doc = read_json(manifest)
+    config = source.parent / CONFIG
+    fields = recorded_fields(doc, manifest, read_json(config) if config.is_file() else None)
+    return doc, fields
 
 
 def _protocol(
-    upstream: dict[str, Any] | None, prompts: JudgePrompts, config: JudgeConfig
-) -> dict[str, Any]:
+    upstream_fields: dict[str, Any] | None, prompts: JudgePrompts, config: JudgeConfig
+) -> RunProtocol:
+    """The judge's own fields, plus the judged run's (sampling, question set): two judge runs
+    over differently sampled answers differ in protocol."""
     own = judge_protocol(
-        judge_model=config.model, judge_prompt_sha256=judge_prompt_sha256(prompts, config)
-    )
-    if upstream is None:
-        return own
-    carried = {k: v for k, v in upstream["protocol"].items() if k in GUARDED_FIELDS}
-    questions = upstream["inputs"].get("questions")
-    if questions is not None:
-        carried["question_set_sha256"] = questions["sha256"]
-    return {**carried, **own}
+        judge_model=config.model,
+        judge_prompt_sha256=judge_prompt_sha256(prompts, config),
+        judge_backend=config.backend,
+        judge_scoring=config.scoring,
+        judge_min_number_mass=config.min_number_mass,
+    ) | details(top_logprobs=config.top_logprobs, parsed_max_tokens=config.parsed_max_tokens)
+    return own if upstream_fields is None else method_protocol(**upstream_fields) | own
 
 
 def _usage(results: list[ChatResult], config: JudgeConfig) -> dict[str, Any]:
@@ -156,7 +166,8 @@ def judge_align(
     summary = summarize(rows, config, prompt_sha256=prompt_sha, usage=_usage(results, config))
     write_json(run.file(SUMMARY_FILE), summary)
 
-    upstream = _upstream(source)
+    found = _upstream(source)
+    upstream, upstream_fields = found if found is not None else (None, None)
     if upstream is not None:
         extra["upstream"] = {
             "run_dir": str(source.parent.resolve()),
@@ -171,7 +182,7 @@ def judge_align(
         model=model_record,
         # The judged answers' template and system prompt (guarded by compare), not the judge's.
         chat_template=upstream["chat_template"] if upstream is not None else None,
-        protocol=_protocol(upstream, prompts, config),
+        protocol=_protocol(upstream_fields, prompts, config),
         extra=extra,
     )
     sent = sum(1 for r in results if not r.from_cache)

@@ -17,6 +17,7 @@ from typing import Any
 from persona_cli.errors import UserError
 from persona_cli.generate.config import GenerationConfig
 from persona_cli.problems import HINTS
+from persona_cli.protocol import RunProtocol, adapter_protocol
 
 ADAPTERS = ("lora", "svd")
 EXTRACT_LOSSES = ("nll", "contrastive")
@@ -90,6 +91,12 @@ class AdapterConfig:
         if self.layers is not None and any(i < 0 for i in self.layers):
             raise UserError(f"--layers: indices must be >= 0, got {list(self.layers)}")
         return self
+
+
+def probe_adapter_protocol(config: AdapterConfig) -> RunProtocol:
+    """The guarded adapter fields of a probe adapter (alpha is unused by svd: None)."""
+    alpha = config.alpha if config.kind == "lora" else None
+    return adapter_protocol(kind=config.kind, rank=config.rank, alpha=alpha, targets=config.targets)
 
 
 @dataclass(frozen=True)

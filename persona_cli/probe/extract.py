@@ -34,12 +34,13 @@ from persona_cli.errors import UserError
 from persona_cli.manifest import BatchProtocol
 from persona_cli.models import model_record, resolve
 from persona_cli.probe.adapters import load_adapted
-from persona_cli.probe.config import ExtractConfig, to_dict
+from persona_cli.probe.config import ExtractConfig, probe_adapter_protocol, to_dict
 from persona_cli.probe.encoding import encode
 from persona_cli.probe.geometry import module_sums
 from persona_cli.probe.grads import per_sample_grads
 from persona_cli.probe.pool import SourceRow, read_pairs, read_pool, source_hashes
 from persona_cli.probe.vhack import FILENAME, save_vhack
+from persona_cli.protocol import batch_protocol, method_protocol
 from persona_cli.rundir import RunDir, open_run
 
 log = logging.getLogger(__name__)
@@ -185,7 +186,9 @@ def extract_vhack(
         inputs={f"source:{Path(f).name}": f for f in meta["sources"]},
         model=model_record(model),
         chat_template=inspect_template(tokenizer).to_dict(),
-        protocol=BatchProtocol(config.batch_size, 1, 1, optimizer_steps=0).to_dict(),
+        protocol=batch_protocol(BatchProtocol(config.batch_size, 1, 1, optimizer_steps=0))
+        | probe_adapter_protocol(config.adapter)
+        | method_protocol(vhack_loss=config.loss),
         seeds=[config.adapter.seed],
     )
     return ExtractResult(run, summary)

@@ -52,13 +52,19 @@ from persona_cli.errors import UserError
 from persona_cli.manifest import BatchProtocol
 from persona_cli.models import model_record, resolve
 from persona_cli.probe.adapters import ProbeAdapter, load_adapted
-from persona_cli.probe.config import AdapterConfig, ReplayConfig, to_dict
+from persona_cli.probe.config import (
+    AdapterConfig,
+    ReplayConfig,
+    probe_adapter_protocol,
+    to_dict,
+)
 from persona_cli.probe.encoding import encode
 from persona_cli.probe.geometry import cosines, project
 from persona_cli.probe.grads import per_sample_grads
 from persona_cli.probe.pool import SourceRow, read_pool, step_name
 from persona_cli.probe.steps import finite_or_none, step_stats
 from persona_cli.probe.vhack import check_layout, check_model, load_vhack, vhack_path
+from persona_cli.protocol import details, method_protocol, training_protocol
 from persona_cli.rundir import RunDir, open_run
 from persona_cli.schemas import PROBE_STEP
 
@@ -351,10 +357,15 @@ def replay(
         },
         model=model_record(resolved),
         chat_template=inspect_template(tokenizer).to_dict(),
-        protocol={
-            **BatchProtocol(config.batch_size, 1, 1, optimizer_steps=len(order)).to_dict(),
-            "learning_rate": config.lr,
-        },
+        protocol=training_protocol(
+            BatchProtocol(config.batch_size, 1, 1, optimizer_steps=len(order)), config.lr
+        )
+        | probe_adapter_protocol(adapter_cfg)
+        | method_protocol(
+            replay_loss=config.loss,
+            projection=config.project_when if config.projected else "off",
+        )
+        | details(optimizer=config.optimizer, weight_decay=config.weight_decay),
         seeds=[adapter_cfg.seed],
     )
     return ReplayResult(run, summary)

@@ -50,6 +50,7 @@ from persona_cli.generate import generate_hf
 from persona_cli.probe.config import TeacherPoolConfig, to_dict
 from persona_cli.probe.pool import pool_rows, step_files, step_name, write_pool_step
 from persona_cli.problems import Problem, build_prompt, default_problems_path, load_problems
+from persona_cli.protocol import details, sampling_of
 from persona_cli.rundir import RunDir, open_run
 from persona_cli.sandbox import SandboxConfig
 from persona_cli.schemas import POOL_STEP
@@ -218,13 +219,12 @@ def run_teacher_pool(
         inputs=inputs,
         model=models.model_record(model, loaded),
         chat_template=guard_record(tokenizer, system),
-        protocol={
-            "backend": "hf",
-            "world_size": 1,
-            "generation": cfg.generation.to_dict(),
-            "completions": per_step * cfg.steps,
-            "sandbox": asdict(SandboxConfig()),
-        },
+        protocol=sampling_of(cfg.generation, backend="hf", world_size=1)
+        | details(
+            generation=cfg.generation.to_dict(),
+            completions=per_step * cfg.steps,
+            sandbox=asdict(SandboxConfig()),
+        ),
         seeds=[seed],
         extra={
             "adapters": adapters_mod.stack_record(stack),

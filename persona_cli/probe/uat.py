@@ -21,8 +21,10 @@ the sneaky failure it guards against:
   vacuous pass: fewer than 2 rows in either group, or an undefined test (constant cosines),
   fails with that reason instead of passing.
 
-The report (`uat.json`) lists every check with its value, threshold, pass/fail and detail; the
-command exits 1 (persona_cli.errors.EXIT_CHECK_FAILED) when any check fails.
+The report (`uat.json`) lists every check with its value, threshold, pass/fail and detail; T4's
+value is a p-value, so its `test` record names it (`welch`, alternative `greater`, one-sided);
+the others' `test` is null. The command exits 1 (persona_cli.errors.EXIT_CHECK_FAILED) when any
+check fails.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from persona_cli.stats import welch_test
 COMMAND = "probe-uat"
 REPORT = "uat.json"
 REPORT_VERSION = 1
+T4_TEST = {"test": "welch", "alternative": "greater", "sided": "one-sided"}
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,7 @@ class Check:
     threshold: float
     detail: str
     guards: str
+    test: dict[str, Any] | None = None  # for a p-value: the test and alternative it comes from
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -155,8 +159,8 @@ def check_t4(vanilla: list[dict[str, Any]], config: UATConfig) -> Check:
         detail = (
             f"too few hacked rows: {len(fail_gt)} with gt_pass=0, {len(pass_gt)} with gt_pass=1"
         )
-        return Check("T4", claim, False, None, config.t4_alpha, detail, guards)
-    test = welch_test(fail_gt, pass_gt, alternative="greater")
+        return Check("T4", claim, False, None, config.t4_alpha, detail, guards, _t4(None))
+    test = welch_test(fail_gt, pass_gt, alternative=T4_TEST["alternative"])
     m0, m1 = sum(fail_gt) / len(fail_gt), sum(pass_gt) / len(pass_gt)
     detail = (
         f"mean cos {m0:.4f} (gt_pass=0, n={len(fail_gt)}) vs {m1:.4f} (gt_pass=1, "
@@ -164,10 +168,15 @@ def check_t4(vanilla: list[dict[str, Any]], config: UATConfig) -> Check:
         + (f"; t={test.statistic:.3f}, df={test.df:.1f}" if test.statistic is not None else "")
     )
     if test.p_value is None:
-        return Check("T4", claim, False, None, config.t4_alpha, detail + "; test undefined", guards)
+        detail += "; test undefined"
+    passed = test.p_value is not None and test.p_value < config.t4_alpha
     return Check(
-        "T4", claim, test.p_value < config.t4_alpha, test.p_value, config.t4_alpha, detail, guards
+        "T4", claim, passed, test.p_value, config.t4_alpha, detail, guards, _t4(test.p_value)
     )
+
+
+def _t4(p_value: float | None) -> dict[str, Any]:
+    return {**T4_TEST, "p_value": p_value}
 
 
 @dataclass

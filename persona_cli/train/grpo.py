@@ -39,6 +39,7 @@ from persona_cli.chat_template import SystemPrompt, inspect_template, render
 from persona_cli.errors import UserError
 from persona_cli.models import EMBEDDED
 from persona_cli.problems import HINTS
+from persona_cli.protocol import details, generation_protocol, method_protocol
 from persona_cli.sandbox import SandboxConfig
 from persona_cli.train.config import TrainConfig
 from persona_cli.train.rewards import (
@@ -390,18 +391,22 @@ def train_rl(
         inputs=inputs,
         extra={"rl": rl.to_dict(), "rendered_first_prompt": rows[0]},
         seeds=[cfg.seed],
-        protocol={
-            "num_generations": rl.num_generations,
-            "prompts_per_step": cfg.per_device_batch * cfg.grad_accum * world // rl.num_generations,
-            "temperature": rl.temperature,
-            "top_p": rl.top_p,
-            "max_completion_length": rl.completion_length(),
-            "beta": rl.beta,
-            "loss_type": rl.loss_type,
-            "scale_rewards": rl.scale_rewards,
-            "num_iterations": rl.num_iterations,
-            "grpo_weight": rl.grpo_weight,
-            "sdpo_weight": rl.sdpo_weight,
-            "reward": rl.reward,
-        },
+        protocol=generation_protocol(
+            temperature=rl.temperature,
+            top_p=rl.top_p,
+            max_new_tokens=rl.completion_length(),
+            samples_per_prompt=rl.num_generations,
+        )
+        | method_protocol(
+            rl_reward=rl.reward,
+            rl_kl_beta=rl.beta,
+            rl_loss_type=rl.loss_type,
+            rl_scale_rewards=rl.scale_rewards,
+            rl_num_iterations=rl.num_iterations,
+            grpo_weight=rl.grpo_weight,
+            sdpo_weight=rl.sdpo_weight,
+        )
+        | details(
+            prompts_per_step=cfg.per_device_batch * cfg.grad_accum * world // rl.num_generations
+        ),
     )

@@ -51,6 +51,13 @@ from persona_cli.models import (
     load_tokenizer,
     model_record,
 )
+from persona_cli.protocol import (
+    RunProtocol,
+    adapter_protocol,
+    coupling_protocol,
+    details,
+    method_protocol,
+)
 from persona_cli.registry import Persona, Question, load_personas, load_questions, select_personas
 from persona_cli.rundir import RunDir, open_run
 from persona_cli.train.config import CouplingConfig, DpoConfig, TrainConfig, coupling_train_defaults
@@ -210,7 +217,7 @@ def _train_and_finish(
     inputs: dict[str, Path],
     extra: dict[str, Any],
     seeds: list[int],
-    protocol: dict[str, Any] | None = None,
+    protocol: RunProtocol | None = None,
 ) -> TrainOutcome:
     """Train (`fit()` returns the result and data statistics) unless a resumed run already
     holds the finished adapter, then write the summary, the adapter record and the manifest."""
@@ -246,16 +253,19 @@ def _train_and_finish(
         inputs=inputs,
         model=record,
         chat_template=chat_template,
-        protocol={
-            **summary["protocol"],
-            "learning_rate": cfg.learning_rate,
-            "lr_scheduler": cfg.lr_scheduler,
-            "warmup_steps": cfg.warmup_steps,
-            "max_steps": cfg.max_steps,
-            "epochs": cfg.epochs,
-            "oom_retry": summary["oom_retry"],
-            **(protocol or {}),
-        },
+        protocol=RunProtocol(
+            {
+                **summary["protocol"],
+                "learning_rate": cfg.learning_rate,
+                "lr_scheduler": cfg.lr_scheduler,
+                "warmup_steps": cfg.warmup_steps,
+            }
+        )
+        | adapter_protocol(
+            kind="lora", rank=cfg.lora_r, alpha=cfg.lora_alpha, targets=cfg.lora_targets
+        )
+        | details(max_steps=cfg.max_steps, epochs=cfg.epochs, oom_retry=summary["oom_retry"])
+        | (protocol or RunProtocol()),
         seeds=seeds,
         extra={
             "adapters": stack_record(stack),
@@ -408,7 +418,7 @@ def train_dpo(job: DpoJob, *, callbacks: list[Any] | None = None) -> TrainOutcom
             }
         },
         seeds=[cfg.seed],
-        protocol={"beta": dc.beta},
+        protocol=method_protocol(dpo_beta=dc.beta),
     )
 
 
@@ -513,4 +523,5 @@ def couple_marker(job: CouplingJob, *, callbacks: list[Any] | None = None) -> Tr
             }
         },
         seeds=sorted({cfg.seed, cc.seed}),
+        protocol=coupling_protocol(cc.marker, cc.marker_position, cc.marker_only_loss),
     )

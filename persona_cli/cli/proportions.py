@@ -1,0 +1,136 @@
+"""`persona-cli proportions`: two-proportion tests on counts, to check a published table.
+
+    persona-cli proportions --csv data/stats/research_log_dose_table.csv --test fisher \\
+        --alternative less
+    persona-cli proportions --row "dose 10:166/280:113/280" --alternative greater --out runs/p
+
+`--test` and `--alternative` are declared here once and shared with `dose-sweep`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich import box
+from rich.table import Table
+
+from persona_cli import proportions as lib
+from persona_cli.artifacts import write_json
+from persona_cli.cli.console import console
+from persona_cli.cli.options import Force, say_already_done
+from persona_cli.rundir import is_done, open_run
+from persona_cli.stats import ComparisonConfig
+
+_CMP = ComparisonConfig()
+_CMP_HELP = ComparisonConfig.help()
+_DEFAULTS = lib.ProportionsConfig()
+_HELP = lib.ProportionsConfig.help()
+
+# None: the default (or, for `dose-sweep summarize`, what the sweep recorded).
+_RECORDED = "dose-sweep summarize: as the sweep recorded"
+CountTestOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--test",
+        help=f"{_CMP_HELP['test']} Default: {_CMP.test} ({_RECORDED}).",
+        show_default=False,
+    ),
+]
+AlternativeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--alternative",
+        help=f"{_CMP_HELP['alternative']} Default: {_CMP.alternative} ({_RECORDED}).",
+        show_default=False,
+    ),
+]
+
+
+def comparison_config(
+    test: str | None, alternative: str | None, base: ComparisonConfig = _CMP
+) -> ComparisonConfig:
+    """`base` with the options that were given; checked."""
+    given = {k: v for k, v in (("test", test), ("alternative", alternative)) if v is not None}
+    return ComparisonConfig(**{**base.to_dict(), **given}).check()
+
+
+def _pct(x: float) -> str:
+    return f"{x:.1%}"
+
+
+def _p(p: float | None) -> str:
+    return "-" if p is None else f"{p:.3g}"
+
+
+def print_table(result: dict[str, Any]) -> None:
+    # Compact (no rules between columns): the ten columns fit an 80-column log.
+    t = Table(
+        title=f"two-proportion tests (--test {result['test']})",
+        box=box.SIMPLE_HEAD,
+        padding=0,
+        show_edge=False,
+        pad_edge=False,
+    )
+    cols = ("label", "k1/n1", "rate1", "k2/n2", "rate2", "diff", "test", "alternative", "p")
+    for col in (*cols, "p adj."):
+        t.add_column(col, justify="left" if col == "label" else "right")
+    for r in result["rows"]:
+        t.add_row(
+            r["label"],
+            f"{r['successes1']}/{r['n1']}",
+            _pct(r["rate1"]),
+            f"{r['successes2']}/{r['n2']}",
+            _pct(r["rate2"]),
+            f"{r['diff']:+.1%}",
+            r["test"],
+            r["alternative"],
+            _p(r["p_value"]),
+            _p(r["p_adjusted"]),
+        )
+    adjustment = result["adjustment"]
+    t.caption = (
+        f"p adj.: {adjustment['method']} over {adjustment['m']} row(s); 'less' means rate1 < "
+        "rate2; counts as given (completions treated as independent)"
+    )
+    console.print(t)
+
+
+def proportions(
+    row: Annotated[
+        list[str] | None, typer.Option("--row", help=_HELP["rows"], show_default=False)
+    ] = None,
+    csv: Annotated[Path | None, typer.Option(help=_HELP["csv"], show_default=False)] = None,
+    test: CountTestOpt = None,
+    alternative: AlternativeOpt = None,
+    adjust: Annotated[str, typer.Option(help=_HELP["adjust"])] = _DEFAULTS.adjust,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Also write a run directory with proportions.json.",
+            show_default=False,
+        ),
+    ] = None,
+    force: Force = False,
+) -> None:
+    """Test k1/n1 against k2/n2 for every row: Fisher or z, named with its alternative."""
+    if out is not None and is_done(out) and not force:
+        say_already_done(out)
+        return
+    config = lib.ProportionsConfig(
+        rows=tuple(row or ()),
+        csv=None if csv is None else str(csv),
+        comparison=comparison_config(test, alternative),
+        adjust=adjust,
+    )
+    result = lib.compute(config)  # every row checked before --out is created
+    print_table(result)
+    if out is None:
+        return
+    run = open_run(out, command="proportions", config=config.to_dict(), force=force)
+    write_json(run.file(lib.RESULT), result)
+    run.finish(inputs={} if csv is None else {"csv": csv})
+    console.print(f"result: {run.file(lib.RESULT)}", highlight=False)
