@@ -30,6 +30,10 @@ demo: setup
     {{bin}}/persona-cli models info smollm2-135m
     {{bin}}/persona-cli validate data/personas.yaml data/questions/open_eval.yaml data/chat/bad_legal_advice.jsonl data/chat/benign.jsonl
 
+# GPU acceptance check (SFT MFU, cosine, generation, memory) into OUT; ARGS: e.g. --tiny on a CPU.
+gpu-check out="runs/gpu_check" *args="":
+    {{bin}}/python benchmarks/gpu_check.py --out {{out}} {{args}}
+
 import 'just/matrix.just'
 import 'just/marker.just'
 import 'just/probe.just'

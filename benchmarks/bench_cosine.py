@@ -29,7 +29,7 @@ from machine import ROOT, cpu_name, git_commit, load_average, write_section
 
 from persona_cli import models
 from persona_cli.chat_template import SystemPrompt, inspect_template, render
-from persona_cli.probe.adapters import build_adapter
+from persona_cli.probe.adapters import ProbeAdapter, build_adapter
 from persona_cli.probe.config import AdapterConfig
 from persona_cli.probe.encoding import Encoded, encode
 from persona_cli.probe.geometry import cosines
@@ -56,6 +56,15 @@ def workload(tokenizer, batch: int, max_length: int) -> list[Encoded]:
     return out
 
 
+def perturb(adapter: ProbeAdapter, seed: int = 0, scale: float = 0.01) -> ProbeAdapter:
+    """Move the adapter off LoRA's B = 0 init (seeded), so every LoRA tensor has a gradient."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in adapter.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=gen).to(p.device, p.dtype))
+    return adapter
+
+
 def timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
@@ -75,11 +84,7 @@ def main() -> None:
     resolved = models.ensure_prepared(args.model)
     tok = models.load_tokenizer(resolved)
     model = models.load_model(resolved, dtype="float32", device="cpu").eval()
-    adapter = build_adapter(model, AdapterConfig(kind="lora", rank=args.rank))
-    with torch.no_grad():  # off the B = 0 init, so every LoRA tensor has a gradient
-        gen = torch.Generator().manual_seed(0)
-        for p in adapter.parameters():
-            p.add_(0.01 * torch.randn(p.shape, generator=gen))
+    adapter = perturb(build_adapter(model, AdapterConfig(kind="lora", rank=args.rank)))
     samples = workload(tok, args.batch, args.max_length)
     v = torch.randn(adapter.size, generator=torch.Generator().manual_seed(1))
     pad = tok.pad_token_id

@@ -33,7 +33,8 @@ from persona_cli.generate.vllm import engine_env
 from persona_cli.registry import load_personas, load_questions
 
 
-def _prompts(tok, personas: int, questions: int, first_persona: int = 0) -> list[str]:
+def eval_prompts(tok, personas: int, questions: int, first_persona: int = 0) -> list[str]:
+    """eval-markers' prompts: each persona's system prompt x each open-eval question, rendered."""
     report = inspect_template(tok)
     registry = list(load_personas(bundled.personas_file()).values())
     ps = registry[first_persona : first_persona + personas]
@@ -78,7 +79,7 @@ def main() -> None:
     resolved = models.ensure_prepared(args.model)
     tok = models.load_tokenizer(resolved)
     model = models.load_model(resolved)
-    rounds = [_prompts(tok, args.personas, args.questions, r * args.personas)
+    rounds = [eval_prompts(tok, args.personas, args.questions, r * args.personas)
               for r in range(args.rounds)]  # fmt: skip
     cfg = GenerationConfig(
         max_new_tokens=args.max_new_tokens, n=args.samples, batch_size=args.batch_size, seed=1

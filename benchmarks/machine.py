@@ -32,9 +32,12 @@ def git_commit() -> str:
     """Short commit of the checkout, with `-dirty` when it has uncommitted changes."""
 
     def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", "-C", str(ROOT), *args], capture_output=True, text=True
-        ).stdout.strip()
+        try:
+            return subprocess.run(
+                ["git", "-C", str(ROOT), *args], capture_output=True, text=True
+            ).stdout.strip()
+        except OSError:  # no git on the machine (a GPU pod's bare image)
+            return ""
 
     commit = git("rev-parse", "--short", "HEAD") or "unknown"
     return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
