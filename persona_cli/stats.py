@@ -1,6 +1,7 @@
 """Statistics every experiment reports with: rates with intervals, tests, effect sizes, seeds.
 
-Thin, typed wrappers over scipy and statsmodels so that every command computes a confidence
+Thin, typed wrappers over scipy and statsmodels (imported where a function runs, so the CLI
+starts without them) so that every command computes a confidence
 interval, p-value or multi-seed summary the same way and writes it in the same shape. Each result
 is a frozen dataclass whose `to_dict()` is plain JSON (no NaN or infinity: an undefined quantity
 is `None`), ready for `summary.json`.
@@ -26,9 +27,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from scipy import stats as sps
-from statsmodels.stats.multitest import multipletests
-from statsmodels.stats.proportion import proportion_confint, proportions_ztest
 
 from persona_cli.errors import UserError
 
@@ -175,6 +173,8 @@ def proportion_interval(
         raise ValueError(f"method must be one of {tuple(PROPORTION_METHODS)}, got {method!r}")
     if n == 0:
         return ProportionEstimate(successes, n, None, None, None, method, alpha)
+    from statsmodels.stats.proportion import proportion_confint
+
     low, high = proportion_confint(successes, n, alpha=alpha, method=PROPORTION_METHODS[method])
     # For every method the bound is exactly 0 at k == 0 and exactly 1 at k == n; pin those and
     # clip float noise elsewhere so a table never shows 0.9999999999999999 or leaves [0, 1].
@@ -208,11 +208,15 @@ def two_proportion_test(
 
     z = z_p = None
     if 0 < col_success < total:  # pooled rate strictly inside (0, 1): the z standard error is > 0
+        from statsmodels.stats.proportion import proportions_ztest
+
         z_stat, z_pval = proportions_ztest(
             [s1, s2], [n1, n2], alternative=_SM_ALTERNATIVE[alternative]
         )
         z, z_p = float(z_stat), float(z_pval)
-    fisher = sps.fisher_exact(table, alternative=alternative)
+    from scipy.stats import fisher_exact
+
+    fisher = fisher_exact(table, alternative=alternative)
     fisher_p = min(float(fisher.pvalue), 1.0)  # summed tail probabilities can exceed 1 by ~1e-16
 
     if test == "auto":
@@ -251,7 +255,9 @@ def mean_interval(values: Sequence[float], *, alpha: float = 0.05) -> MeanEstima
         return MeanEstimate(n, mean, None, None, None, None, None, alpha, (float(arr[0]),))
     std = float(np.std(arr, ddof=1))
     sem = std / math.sqrt(n)
-    half = float(sps.t.ppf(1.0 - alpha / 2.0, n - 1)) * sem
+    from scipy.stats import t as student_t
+
+    half = float(student_t.ppf(1.0 - alpha / 2.0, n - 1)) * sem
     return MeanEstimate(
         n, mean, std, sem, half, mean - half, mean + half, alpha, tuple(float(v) for v in arr)
     )
@@ -270,7 +276,9 @@ def welch_test(
     xa, xb = _sample(a, "a", 2), _sample(b, "b", 2)
     if np.ptp(xa) == 0 and np.ptp(xb) == 0:
         return TestResult(None, None, None, alternative, "welch")
-    res = sps.ttest_ind(xa, xb, equal_var=False, alternative=alternative)
+    from scipy.stats import ttest_ind
+
+    res = ttest_ind(xa, xb, equal_var=False, alternative=alternative)
     return TestResult(float(res.statistic), float(res.df), float(res.pvalue), alternative, "welch")
 
 
@@ -304,6 +312,8 @@ def adjust_pvalues(p_values: Sequence[float], method: str) -> list[float]:
         raise ValueError("p-values must lie in [0, 1]")
     if method == "none" or arr.size == 0:
         return [float(p) for p in arr]
+    from statsmodels.stats.multitest import multipletests
+
     _, corrected, _, _ = multipletests(arr, method=method)
     return [float(p) for p in corrected]
 
