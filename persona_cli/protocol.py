@@ -80,6 +80,8 @@ GUARDED_FIELDS: dict[str, str] = {
     "projection": "v_hack projection of the replay update (off, positive, always)",
     "trace_quorum": "teachers needed for a consensus",
     "trace_answerers_sha256": "hash of the student and teacher specs",
+    "geometry_method": "persona-vector centroid method(s): prompt-last, response-mean or both",
+    "geometry_layers": "hidden-state layers the persona vectors are taken at (0 = embeddings)",
     # read from the manifest's inputs and chat-template record, not from the record
     "question_set_sha256": "hash of the question file",
     "chat_template_sha256": "hash of the chat template",
@@ -158,6 +160,9 @@ REQUIRED_FIELDS: dict[str, frozenset[str]] = {
     "extract-vhack": _PROBE_BATCH | {"vhack_loss"},
     "probe replay": _PROBE_BATCH | {"learning_rate", "replay_loss", "projection"},
     "replay-trace run": frozenset({"trace_quorum", "trace_answerers_sha256"}),
+    "persona-vectors extract": frozenset(
+        {"geometry_method", "geometry_layers", "question_set_sha256", "chat_template_sha256"}
+    ),
 }
 
 

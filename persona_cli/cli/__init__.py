@@ -25,6 +25,7 @@ from persona_cli.cli import (
     doctor,
     dose,
     eval,
+    geometry,
     judge,
     models,
     proportions,
@@ -109,6 +110,7 @@ app.command("eval-capability", rich_help_panel=PANEL_MATRIX)(capability.eval_cap
 app.command("judge-align", rich_help_panel=PANEL_MATRIX)(judge.judge_align_command)
 train.register(app, rich_help_panel="Marker transfer and EM")
 app.add_typer(dose.app, name="dose-sweep", rich_help_panel="Marker transfer and EM")
+app.add_typer(geometry.app, name="persona-vectors", rich_help_panel="Marker transfer and EM")
 app.add_typer(trace.app, name="replay-trace", rich_help_panel="Trace replay and RL")
 rl.register(app, rich_help_panel="Trace replay and RL")
 

@@ -1,0 +1,257 @@
+"""`persona-cli persona-vectors`: persona centroids, their cosine structure, and leakage.
+
+    persona-cli persona-vectors extract --out runs/pv --model smollm2-135m --layers 10,20,all
+    persona-cli persona-vectors similarity runs/pv --out runs/pv_sim
+    persona-cli persona-vectors leakage --similarity runs/pv_sim --markers runs/eval --out runs/leak
+
+Each command parses its options into the library's frozen config (whose fields carry the help
+text and defaults), calls one function of `persona_cli.geometry`, and prints its result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+from rich.table import Table
+
+from persona_cli.cli.console import console, err_console
+from persona_cli.cli.options import (
+    Adapters,
+    Force,
+    OutDir,
+    PersonasFile,
+    QuestionsFile,
+    Seed,
+    say_already_done,
+)
+from persona_cli.errors import UserError
+from persona_cli.generate import GenerationConfig
+from persona_cli.geometry.extract import ExtractConfig, run_extract
+from persona_cli.geometry.leakage import LeakageConfig, run_leakage
+from persona_cli.geometry.similarity import SimilarityConfig, run_similarity
+
+
+def _help(cls: type) -> dict[str, str]:
+    return {f.name: f.metadata["help"] for f in fields(cls)}
+
+
+_X, _XH = ExtractConfig(), _help(ExtractConfig)
+_S, _SH = SimilarityConfig(), _help(SimilarityConfig)
+_L, _LH = LeakageConfig(), _help(LeakageConfig)
+_G, _GH = _X.generation, GenerationConfig.help()
+
+app = typer.Typer(
+    help="Persona geometry: persona vectors per layer, cosine structure, leakage vs proximity.",
+    no_args_is_help=True,
+)
+
+
+def _ids(value: str | None) -> tuple[str, ...] | None:
+    return None if value is None else tuple(p.strip() for p in value.split(",") if p.strip())
+
+
+@app.command("extract")
+def extract(
+    out: OutDir,
+    model: Annotated[
+        str | None, typer.Option("--model", "-m", help=_XH["model"], show_default=False)
+    ] = _X.model,
+    adapter: Adapters = None,
+    personas: PersonasFile = None,
+    persona_ids: Annotated[
+        str | None, typer.Option("--persona-ids", help=_XH["persona_ids"], show_default=False)
+    ] = None,
+    questions: QuestionsFile = None,
+    limit_questions: Annotated[
+        int | None, typer.Option("--limit-questions", help=_XH["limit_questions"])
+    ] = _X.limit_questions,
+    layers: Annotated[str, typer.Option("--layers", help=_XH["layers"])] = _X.layers,
+    method: Annotated[str, typer.Option("--method", help=_XH["method"])] = _X.method,
+    samples_run: Annotated[
+        Path | None, typer.Option("--samples-run", help=_XH["samples_run"], show_default=False)
+    ] = None,
+    samples: Annotated[int, typer.Option("--samples", "-k", help=_GH["n"])] = _G.n,
+    max_new_tokens: Annotated[
+        int, typer.Option("--max-new-tokens", help=_GH["max_new_tokens"])
+    ] = _G.max_new_tokens,
+    temperature: Annotated[
+        float, typer.Option("--temperature", help=_GH["temperature"])
+    ] = _G.temperature,
+    seed: Seed = _G.seed,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help=_XH["batch_size"])
+    ] = _X.batch_size,
+    dtype: Annotated[str, typer.Option("--dtype", help=_XH["dtype"])] = _X.dtype,
+    force: Force = False,
+) -> None:
+    """Persona centroids per layer: prompt-last and/or response-mean hidden states.
+
+    Writes centroids.safetensors ([personas, layers, hidden] per method),
+    question_vectors.safetensors, rows.jsonl.gz (per persona, question and method: token
+    counts and per-layer norms), summary.json, and samples.jsonl.gz when it generated answers.
+    """
+    try:
+        generation = GenerationConfig(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            n=samples,
+            seed=seed,
+            batch_size=batch_size,
+        )
+    except ValueError as e:
+        raise UserError(f"generation options: {e}") from None
+    cfg = ExtractConfig(
+        model=model,
+        adapters=None if adapter is None else tuple(str(a) for a in adapter),
+        personas_file=str(personas) if personas else None,
+        persona_ids=_ids(persona_ids),
+        questions_file=str(questions) if questions else None,
+        limit_questions=limit_questions,
+        layers=layers,
+        method=method,
+        samples_run=str(samples_run) if samples_run else None,
+        generation=generation,
+        batch_size=batch_size,
+        dtype=dtype,
+    )
+    bar = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+    )
+    current: list[Any] = []
+
+    def stage(label: str, total: int) -> None:
+        current.append(bar.add_task(label, total=total))
+        bar.start()
+
+    with bar:
+        result = run_extract(
+            cfg, out, force=force, stage=stage, advance=lambda n: bar.advance(current[-1], n)
+        )
+    if result.already_done:
+        say_already_done(result.run.path)
+    s = result.summary
+    t = Table(title=f"persona vectors of {s['model']['spec']} ({s['hidden_size']} wide)")
+    for col in ("method", "personas", "questions", "layers", "sequences", "tokens"):
+        t.add_column(col, justify="left" if col == "method" else "right")
+    for m in s["methods"]:
+        c = s["counts"][m]
+        layers_text = ",".join(map(str, s["layers"]))
+        t.add_row(
+            m, str(len(s["personas"])), str(len(s["questions"])), layers_text,
+            str(c["sequences"]), str(c["tokens"]),
+        )  # fmt: skip
+    console.print(t)
+    console.print(f"centroids: {result.run.file('centroids.safetensors')}", highlight=False)
+
+
+@app.command("similarity")
+def similarity(
+    run: Annotated[Path, typer.Argument(help=_SH["extract_run"], show_default=False)],
+    out: OutDir,
+    reference: Annotated[str, typer.Option("--reference", help=_SH["reference"])] = _S.reference,
+    resamples: Annotated[int, typer.Option("--resamples", help=_SH["resamples"])] = _S.resamples,
+    seed: Annotated[int, typer.Option("--seed", help=_SH["seed"])] = _S.seed,
+    force: Force = False,
+) -> None:
+    """Cosine matrices per method and layer (raw, centred, reference-subtracted), heatmaps, and
+    bootstrap intervals over questions. Prints the nearest and farthest persona pairs."""
+    cfg = SimilarityConfig(
+        extract_run=str(run), reference=reference, resamples=resamples, seed=seed
+    )
+    result = run_similarity(cfg, out, force=force)
+    if result.already_done:
+        say_already_done(result.run.path)
+    doc = result.doc
+    t = Table(title=f"persona cosines ({doc['model']['spec']}, reference {doc['reference']})")
+    for col in (
+        "method",
+        "layer",
+        "mean off-diag raw [95%]",
+        "mean off-diag centred [95%]",
+        "nearest (centred)",
+        "farthest (centred)",
+    ):
+        t.add_column(col, justify="right" if col == "layer" else "left")  # fmt: skip
+    for method, layers in doc["results"].items():
+        for d in layers:
+            pairs = d["pairs"]["centred"]
+            t.add_row(
+                method, str(d["layer"]), _ci(d["mean_offdiag"]["raw"]),
+                _ci(d["mean_offdiag"]["centred"]), _pair(pairs["nearest"]),
+                _pair(pairs["farthest"]),
+            )  # fmt: skip
+    console.print(t)
+    console.print(f"similarity: {result.run.file('similarity.json')}", highlight=False)
+    console.print(f"heatmaps: {len(result.heatmaps)} PNG(s) in {result.run.path}", highlight=False)
+
+
+def _ci(x: dict[str, float | None]) -> str:
+    if x["estimate"] is None:
+        return "-"
+    return f"{x['estimate']:.3f} [{x['low']:.3f}, {x['high']:.3f}]"
+
+
+def _pair(p: list[Any] | None) -> str:
+    return "-" if p is None else f"{p[0]} / {p[1]} ({p[2]:.3f})"
+
+
+def _num(x: float | None, fmt: str = ".3f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+@app.command("leakage")
+def leakage(
+    similarity_run: Annotated[
+        Path, typer.Option("--similarity", help=_LH["similarity_run"], show_default=False)
+    ],
+    markers_run: Annotated[
+        Path, typer.Option("--markers", help=_LH["markers_run"], show_default=False)
+    ],
+    out: OutDir,
+    source: Annotated[
+        str | None, typer.Option("--source", help=_LH["source"], show_default=False)
+    ] = _L.source,
+    matrix: Annotated[str, typer.Option("--matrix", help=_LH["matrix"])] = _L.matrix,
+    resamples: Annotated[int, typer.Option("--resamples", help=_LH["resamples"])] = _L.resamples,
+    seed: Annotated[int, typer.Option("--seed", help=_LH["seed"])] = _L.seed,
+    force: Force = False,
+) -> None:
+    """Per bystander: cosine to the source vs marker rate; Pearson and Spearman correlation
+    per method and layer, bootstrap intervals over bystanders, a scatter PNG per layer."""
+    cfg = LeakageConfig(
+        similarity_run=str(similarity_run),
+        markers_run=str(markers_run),
+        source=source,
+        matrix=matrix,
+        resamples=resamples,
+        seed=seed,
+    )
+    result = run_leakage(cfg, out, force=force)
+    if result.already_done:
+        say_already_done(result.run.path)
+    doc = result.doc
+    t = Table(
+        title=f"marker {doc['marker']!r} rate vs {doc['matrix']} cosine to {doc['source']} "
+        f"({len(doc['bystanders'])} bystanders)"
+    )
+    for col in ("method", "layer", "Pearson r", "p", "r 95%", "Spearman rho", "p", "rho 95%"):
+        t.add_column(col, justify="left" if col == "method" else "right")
+    for method, layers in doc["results"].items():
+        for d in layers:
+            b = d["bootstrap"]
+            t.add_row(
+                method, str(d["layer"]), _num(d["pearson_r"]), _num(d["pearson_p"], ".2g"),
+                f"[{_num(b['pearson_r']['low'])}, {_num(b['pearson_r']['high'])}]",
+                _num(d["spearman_rho"]), _num(d["spearman_p"], ".2g"),
+                f"[{_num(b['spearman_rho']['low'])}, {_num(b['spearman_rho']['high'])}]",
+            )  # fmt: skip
+    console.print(t)
+    console.print(f"leakage: {result.run.file('leakage.json')}", highlight=False)

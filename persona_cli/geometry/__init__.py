@@ -1,0 +1,16 @@
+"""Persona geometry: where each persona sits in the model's activation space.
+
+- `hidden`: batched hidden states at chosen layers (left-padded, length-sorted), for the two
+  centroid methods: `prompt-last` (the last prompt token, after the assistant header) and
+  `response-mean` (the mean over an answer's tokens).
+- `vectors`: the safetensors files of centroids and per-question vectors, with their metadata.
+- `extract`: `persona-vectors extract`, one run directory of centroids per persona.
+- `similarity`: cosine matrices (raw, centred, reference-subtracted) with bootstrap intervals
+  over questions.
+- `leakage`: the join of a similarity run with an eval-markers run (cosine to the source vs
+  marker rate per bystander).
+- `plots`: the heatmap and scatter PNGs.
+
+The library never prints and never imports typer or rich; `persona_cli.cli.geometry` is the
+command layer.
+"""
