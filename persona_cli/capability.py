@@ -1,29 +1,48 @@
 """Multiple-choice capability: accuracy from the log-likelihood of each answer letter.
 
-ARC-Challenge style. Each item is shown as a user turn (question, lettered options, "Answer with
-the letter only."); after the assistant header the model's next-token log-probabilities of the
-option letters are compared and the highest is its answer. No sampling, so the score is
-deterministic for given weights. Items come from a local JSONL in the `allenai/ai2_arc` fields
-(`id`, `question`, `choices: {text, label}`, `answerKey`; `data/mcq/mini_arc.jsonl` ships) or,
-on a pod with network, from the hub as `hf:allenai/ai2_arc:ARC-Challenge:test`.
+Each item is shown as a user turn (question, lettered options, "Answer with the letter only.");
+after the assistant header the model's next-token log-probabilities of the option letters are
+compared and the highest is its answer. No sampling, so the score is deterministic for given
+weights. Two item layouts, detected per file from the first row's `choices`:
+
+- ARC (`allenai/ai2_arc`): `id`, `question`, `choices: {text, label}`, `answerKey`, optional
+  `subject`; `data/mcq/mini_arc.jsonl` ships.
+- MMLU (`cais/mmlu`): `question`, `subject`, `choices: [..]`, `answer: int` (the gold option's
+  index; labels are A, B, C, ...), optional `id` (else `SUBJECT/ROW`, the 1-based row number);
+  `data/mcq/mini_mmlu.jsonl` ships (including the four-class `moral_scenarios`).
+
+Items come from a local JSONL or, with network, `hf:NAME:CONFIG:SPLIT`. The summary reads
+accuracy per subject and per gold answer class (Wilson intervals) with macro and micro averages;
+`summarize` rebuilds it from the saved rows alone.
 
     persona-cli eval-capability --model smollm2-135m --out runs/cap_base
+    persona-cli eval-capability --items data/mcq/mini_mmlu.jsonl --subjects moral_scenarios \
+        --persona villain --out runs/cap_villain
 """
 
 from __future__ import annotations
 
+import string
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from persona_cli import bundled
 from persona_cli.artifacts import iter_jsonl, sha256_json
 from persona_cli.chat_template import SystemPrompt, TemplateReport, render
 from persona_cli.errors import InputError, UserError
 from persona_cli.protocol import RunProtocol, details, method_protocol
 
-SCHEMA_VERSION = 1
+ROW_SCHEMA_VERSION = 1  # rows gained `subject` and `gold_index` (additive) in summary schema 2
+SUMMARY_SCHEMA_VERSION = 2  # 2: per_subject, per_class, macro/micro averages
 INSTRUCTION = "Answer with the letter of the correct option only."
+ARC, MMLU = "arc", "mmlu"
+
+
+def mmlu_file() -> Path:
+    """The MMLU-layout items written for this project (tests and the demo)."""
+    return bundled.data_dir() / "mcq" / "mini_mmlu.jsonl"
 
 
 @dataclass(frozen=True)
@@ -33,12 +52,45 @@ class MCItem:
     texts: tuple[str, ...]
     labels: tuple[str, ...]
     answer: str
+    subject: str | None = None
+
+    @property
+    def gold_index(self) -> int:
+        return self.labels.index(self.answer)
+
+    def content(self) -> dict[str, Any]:
+        """What `item_set_sha256` hashes; an item without a subject hashes as before."""
+        out: dict[str, Any] = {
+            "id": self.id,
+            "question": self.question,
+            "texts": list(self.texts),
+            "labels": list(self.labels),
+            "answer": self.answer,
+        }
+        if self.subject is not None:
+            out["subject"] = self.subject
+        return out
 
 
-def _check_item(row: dict[str, Any]) -> list[str]:
+def layout_of(row: dict[str, Any]) -> str:
+    """ARC when `choices` is a mapping, MMLU when it is a list."""
+    return MMLU if isinstance(row.get("choices"), list) else ARC
+
+
+def _check_subject(row: dict[str, Any], required: bool) -> list[str]:
+    if "subject" not in row and not required:
+        return []
+    subject = row.get("subject")
+    if not isinstance(subject, str) or not subject:
+        return ["'subject' must be a non-empty string"]
+    return []
+
+
+def _check_arc(row: dict[str, Any]) -> list[str]:
     for key in ("id", "question", "choices", "answerKey"):
         if key not in row:
-            return [f"missing field '{key}'"]
+            what = "no gold answer (field 'answerKey')" if key == "answerKey" else ""
+            return [what or f"missing field '{key}'"]
     choices = row["choices"]
     if (
         not isinstance(choices, dict)
@@ -50,47 +102,110 @@ def _check_item(row: dict[str, Any]) -> list[str]:
         return ["'choices' needs at least two options with as many labels as texts"]
     if row["answerKey"] not in choices["label"]:
         return [f"answerKey {row['answerKey']!r} is not one of the labels {choices['label']}"]
-    return []
+    return _check_subject(row, required=False)
 
 
-def _item(row: dict[str, Any]) -> MCItem:
+def _check_mmlu(row: dict[str, Any]) -> list[str]:
+    for key in ("question", "subject", "choices"):
+        if key not in row:
+            return [f"missing field '{key}'"]
+    if "answer" not in row:
+        return ["no gold answer (field 'answer')"]
+    choices, answer = row["choices"], row["answer"]
+    if not isinstance(choices, list) or not 2 <= len(choices) <= 26:
+        return ["'choices' must be a list of 2 to 26 options"]
+    if isinstance(answer, bool) or not isinstance(answer, int):
+        return [f"'answer' must be the gold option's index (an integer), not {answer!r}"]
+    if not 0 <= answer < len(choices):
+        return [f"answer index {answer} is out of range for {len(choices)} choices"]
+    return _check_subject(row, required=True)
+
+
+def _row_checker() -> Callable[[dict[str, Any]], list[str]]:
+    """A row check that fixes the file's layout from its first row."""
+    seen: list[str] = []
+
+    def check(row: dict[str, Any]) -> list[str]:
+        layout = layout_of(row)
+        if not seen:
+            seen.append(layout)
+        if layout != seen[0]:
+            return [f"a {layout.upper()}-layout row in a {seen[0].upper()}-layout file"]
+        return _check_mmlu(row) if layout == MMLU else _check_arc(row)
+
+    return check
+
+
+def _item(row: dict[str, Any], line: int) -> MCItem:
+    if layout_of(row) == MMLU:
+        labels = tuple(string.ascii_uppercase[: len(row["choices"])])
+        return MCItem(
+            id=str(row["id"]) if "id" in row else f"{row['subject']}/{line}",
+            question=row["question"],
+            texts=tuple(str(c) for c in row["choices"]),
+            labels=labels,
+            answer=labels[row["answer"]],
+            subject=row["subject"],
+        )
     return MCItem(
         id=str(row["id"]),
         question=row["question"],
         texts=tuple(row["choices"]["text"]),
         labels=tuple(str(lab) for lab in row["choices"]["label"]),
         answer=str(row["answerKey"]),
+        subject=row.get("subject"),
     )
 
 
 SCORER = "letter-logprob"  # the option letter with the highest log-prob after the prompt
 
 
-def protocol(items: list[MCItem]) -> RunProtocol:
+def protocol(items: list[MCItem], persona: str | None = None) -> RunProtocol:
     """The guarded fields of an eval-capability run: the items scored (their content, so a
-    --limit or another file differs), the scorer and its instruction."""
+    --limit, --subjects or another file differs), the scorer and its instruction. The system
+    prompt (from --persona or --system-prompt) is guarded through the chat-template record."""
     return method_protocol(
         backend="hf",
-        item_set_sha256=sha256_json([asdict(i) for i in items]),
+        item_set_sha256=sha256_json([i.content() for i in items]),
         capability_scorer=SCORER,
-    ) | details(instruction=INSTRUCTION, n_items=len(items))
+    ) | details(instruction=INSTRUCTION, n_items=len(items), persona=persona)
 
 
-def load_items(source: str, limit: int | None = None) -> list[MCItem]:
-    """Items from a JSONL path or `hf:NAME:CONFIG:SPLIT` (needs network and `datasets`)."""
-    if source.startswith("hf:"):
-        parts = source.split(":")
-        if len(parts) != 4:
-            raise UserError(f"--items {source!r}: expected hf:NAME:CONFIG:SPLIT")
-        from datasets import load_dataset
+def _hf_rows(source: str) -> list[dict[str, Any]]:
+    parts = source.split(":")
+    if len(parts) != 4:
+        raise UserError(f"--items {source!r}: expected hf:NAME:CONFIG:SPLIT")
+    from datasets import load_dataset
 
-        rows = list(load_dataset(parts[1], parts[2], split=parts[3]))
-        bad = next(((i, p) for i, r in enumerate(rows) if (p := _check_item(r))), None)
-        if bad is not None:
-            raise InputError(source, bad[1][0], line=bad[0] + 1)
-    else:
-        rows = list(iter_jsonl(Path(source), _check_item))
-    items = [_item(r) for r in rows][:limit]
+    rows = [dict(r) for r in load_dataset(parts[1], parts[2], split=parts[3])]
+    check = _row_checker()
+    bad = next(((i, p) for i, r in enumerate(rows) if (p := check(r))), None)
+    if bad is not None:
+        raise InputError(source, bad[1][0], line=bad[0] + 1)
+    return rows
+
+
+def load_items(
+    source: str, limit: int | None = None, subjects: list[str] | None = None
+) -> list[MCItem]:
+    """Items from a JSONL path or `hf:NAME:CONFIG:SPLIT` (needs network and `datasets`), keeping
+    only `subjects` when given (an unknown one is an error naming it), then the first `limit`."""
+    rows = (
+        _hf_rows(source)
+        if source.startswith("hf:")
+        else list(iter_jsonl(Path(source), _row_checker()))
+    )
+    items = [_item(r, line) for line, r in enumerate(rows, start=1)]
+    if subjects:
+        present = {i.subject for i in items}
+        for subject in subjects:
+            if subject not in present:
+                known = ", ".join(sorted(s for s in present if s is not None)) or "none"
+                raise UserError(
+                    f"--subjects {subject!r}: no item of {source} has it (subjects: {known})"
+                )
+        items = [i for i in items if i.subject in subjects]
+    items = items[:limit]
     if not items:
         raise InputError(source, "no multiple-choice items")
     return items
@@ -161,13 +276,15 @@ def score_items(
                 predicted = max(lp, key=lp.__getitem__)
                 rows.append(
                     {
-                        "schema_version": SCHEMA_VERSION,
+                        "schema_version": ROW_SCHEMA_VERSION,
                         "id": it.id,
                         "question": it.question,
                         "labels": list(it.labels),
                         "label_logprobs": lp,
                         "predicted": predicted,
                         "answer": it.answer,
+                        "gold_index": it.gold_index,
+                        "subject": it.subject,
                         "correct": predicted == it.answer,
                         "n_prompt_tokens": int(enc["attention_mask"][i].sum()),
                     }
@@ -179,15 +296,44 @@ def score_items(
     return rows
 
 
-def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Accuracy with a Wilson interval; recomputable from the saved rows alone."""
+def _accuracy(rows: list[dict[str, Any]]) -> dict[str, Any]:
     from persona_cli.stats import proportion_interval
 
-    hits = sum(r["correct"] for r in rows)
+    return proportion_interval(sum(r["correct"] for r in rows), len(rows)).to_dict()
+
+
+def _grouped(rows: list[dict[str, Any]], key: str) -> dict[str, dict[str, Any]]:
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(str(r[key]), []).append(r)
+    return {g: {"accuracy": _accuracy(rs), "n": len(rs)} for g, rs in sorted(groups.items())}
+
+
+def _macro(groups: dict[str, dict[str, Any]]) -> float | None:
+    rates = [g["accuracy"]["rate"] for g in groups.values()]
+    return sum(rates) / len(rates) if rates else None
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Accuracy with a Wilson interval, overall (micro) and per subject and per gold class
+    (`per_class` keyed by the gold label; within each subject too), with the macro average of
+    each grouping; recomputable from the saved rows alone. Rows without a subject (ARC) are in
+    no subject group."""
+    with_subject = [r for r in rows if r["subject"] is not None]
+    per_subject = _grouped(with_subject, "subject")
+    for subject, entry in per_subject.items():
+        entry["per_class"] = _grouped(
+            [r for r in with_subject if r["subject"] == subject], "answer"
+        )
+    per_class = _grouped(rows, "answer")
     chance = sum(1 / len(r["labels"]) for r in rows) / len(rows)
     return {
-        "schema_version": SCHEMA_VERSION,
-        "accuracy": proportion_interval(hits, len(rows)).to_dict(),
+        "schema_version": SUMMARY_SCHEMA_VERSION,
+        "accuracy": _accuracy(rows),
         "n_items": len(rows),
         "chance_accuracy": chance,
+        "per_subject": per_subject,
+        "per_class": per_class,
+        "macro_accuracy": {"subjects": _macro(per_subject), "classes": _macro(per_class)},
+        "micro_accuracy": _accuracy(rows)["rate"],
     }

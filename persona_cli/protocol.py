@@ -163,6 +163,11 @@ REQUIRED_FIELDS: dict[str, frozenset[str]] = {
     "persona-vectors extract": frozenset(
         {"geometry_method", "geometry_layers", "question_set_sha256", "chat_template_sha256"}
     ),
+    "persona-vectors shift": frozenset({"geometry_method", "geometry_layers"}),
+    "persona-vectors trait": frozenset({"geometry_method", "geometry_layers"}),
+    "persona-vectors project": frozenset(
+        {"geometry_method", "geometry_layers", "max_new_tokens", "chat_template_sha256"}
+    ),
 }
 
 

@@ -28,6 +28,7 @@ from persona_cli.cli import (
     geometry,
     judge,
     models,
+    paired,
     proportions,
     rl,
     stats,
@@ -107,6 +108,7 @@ app.command("compare", rich_help_panel=PANEL_STATS)(stats.compare)
 app.command("report", rich_help_panel=PANEL_STATS)(stats.report)
 app.command("proportions", rich_help_panel=PANEL_STATS)(proportions.proportions)
 app.command("eval-capability", rich_help_panel=PANEL_MATRIX)(capability.eval_capability)
+app.command("compare-items", rich_help_panel=PANEL_STATS)(paired.compare_items)
 app.command("judge-align", rich_help_panel=PANEL_MATRIX)(judge.judge_align_command)
 train.register(app, rich_help_panel="Marker transfer and EM")
 app.add_typer(dose.app, name="dose-sweep", rich_help_panel="Marker transfer and EM")

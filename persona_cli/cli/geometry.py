@@ -1,8 +1,11 @@
-"""`persona-cli persona-vectors`: persona centroids, their cosine structure, and leakage.
+"""`persona-cli persona-vectors`: persona centroids, cosine structure, leakage, shift, traits.
 
     persona-cli persona-vectors extract --out runs/pv --model smollm2-135m --layers 10,20,all
     persona-cli persona-vectors similarity runs/pv --out runs/pv_sim
     persona-cli persona-vectors leakage --similarity runs/pv_sim --markers runs/eval --out runs/leak
+    persona-cli persona-vectors shift runs/pv runs/pv_em --out runs/pv_shift
+    persona-cli persona-vectors trait runs/pv --positive villain --negative assistant --out runs/t
+    persona-cli persona-vectors project --trait runs/t --samples-run runs/eval --out runs/proj
 
 Each command parses its options into the library's frozen config (whose fields carry the help
 text and defaults), calls one function of `persona_cli.geometry`, and prints its result.
@@ -32,7 +35,9 @@ from persona_cli.errors import UserError
 from persona_cli.generate import GenerationConfig
 from persona_cli.geometry.extract import ExtractConfig, run_extract
 from persona_cli.geometry.leakage import LeakageConfig, run_leakage
+from persona_cli.geometry.shift import ShiftConfig, run_shift
 from persona_cli.geometry.similarity import SimilarityConfig, run_similarity
+from persona_cli.geometry.trait import ProjectConfig, TraitConfig, run_project, run_trait
 
 
 def _help(cls: type) -> dict[str, str]:
@@ -42,6 +47,9 @@ def _help(cls: type) -> dict[str, str]:
 _X, _XH = ExtractConfig(), _help(ExtractConfig)
 _S, _SH = SimilarityConfig(), _help(SimilarityConfig)
 _L, _LH = LeakageConfig(), _help(LeakageConfig)
+_SH_, _SHH = ShiftConfig(), _help(ShiftConfig)
+_T, _TH = TraitConfig(), _help(TraitConfig)
+_P, _PH = ProjectConfig(), _help(ProjectConfig)
 _G, _GH = _X.generation, GenerationConfig.help()
 
 app = typer.Typer(
@@ -255,3 +263,105 @@ def leakage(
             )  # fmt: skip
     console.print(t)
     console.print(f"leakage: {result.run.file('leakage.json')}", highlight=False)
+
+
+@app.command("shift")
+def shift(
+    run_a: Annotated[Path, typer.Argument(help=_SHH["run_a"], show_default=False)],
+    run_b: Annotated[Path, typer.Argument(help=_SHH["run_b"], show_default=False)],
+    out: OutDir,
+    resamples: Annotated[int, typer.Option("--resamples", help=_SHH["resamples"])] = _SH_.resamples,
+    seed: Annotated[int, typer.Option("--seed", help=_SHH["seed"])] = _SH_.seed,
+    force: Force = False,
+) -> None:
+    """Centroid shift from extract run A to B (same personas and questions; only the adapter
+    stack may differ): per persona cosine and L2 of B - A, the change in mean off-diagonal
+    cosine, paired bootstrap intervals over questions, a bar PNG per method."""
+    cfg = ShiftConfig(run_a=str(run_a), run_b=str(run_b), resamples=resamples, seed=seed)
+    result = run_shift(cfg, out, force=force)
+    if result.already_done:
+        say_already_done(result.run.path)
+    doc = result.doc
+    t = Table(title=f"persona shift A -> B ({doc['model']['spec']})")
+    for col in ("method", "layer", "off-diag A", "off-diag B", "change [95%]",
+                "largest shift (L2)", "lowest cosine A.B"):  # fmt: skip
+        t.add_column(col, justify="left" if col == "method" else "right")
+    for method, layers in doc["results"].items():
+        for d in layers:
+            off, per = d["mean_offdiag_raw"], d["personas"]
+            far = max(per, key=lambda p: per[p]["l2"]["estimate"])
+            cos = {p: v["cosine"]["estimate"] for p, v in per.items() if v["cosine"]["estimate"]}
+            low = min(cos, key=cos.__getitem__) if cos else None
+            t.add_row(
+                method, str(d["layer"]), _num(off["a"]["estimate"]), _num(off["b"]["estimate"]),
+                _ci(off["delta"]), f"{far} ({per[far]['l2']['estimate']:.3g})",
+                "-" if low is None else f"{low} ({cos[low]:.3f})",
+            )  # fmt: skip
+    console.print(t)
+    declared = [d["field"] for d in doc["declared_differences"]]
+    if declared:
+        console.print(
+            f"adapter stacks differ ({len(declared)} field(s): {', '.join(declared[:4])}"
+            f"{', ...' if len(declared) > 4 else ''}); see declared_differences",
+            highlight=False,
+        )
+    console.print(f"shift: {result.run.file('shift.json')}", highlight=False)
+
+
+@app.command("trait")
+def trait(
+    run: Annotated[Path, typer.Argument(help=_TH["extract_run"], show_default=False)],
+    positive: Annotated[str, typer.Option("--positive", help=_TH["positive"], show_default=False)],
+    negative: Annotated[str, typer.Option("--negative", help=_TH["negative"], show_default=False)],
+    out: OutDir,
+    method: Annotated[str, typer.Option("--method", help=_TH["method"])] = _T.method,
+    force: Force = False,
+) -> None:
+    """Trait vector v_l = centroid(positive) - centroid(negative) per layer, from an extract
+    run holding both personas; writes trait.safetensors ([layers, hidden])."""
+    cfg = TraitConfig(extract_run=str(run), positive=positive, negative=negative, method=method)
+    result = run_trait(cfg, out, force=force)
+    if result.already_done:
+        say_already_done(result.run.path)
+    t = Table(title=f"trait {positive} - {negative} ({method}, {result.meta.model['spec']})")
+    t.add_column("layer", justify="right")
+    t.add_column("|v|", justify="right")
+    for layer, norm in result.norms.items():
+        t.add_row(str(layer), f"{norm:.4g}")
+    console.print(t)
+    console.print(f"trait: {result.run.file('trait.safetensors')}", highlight=False)
+
+
+@app.command("project")
+def project(
+    trait_run: Annotated[Path, typer.Option("--trait", help=_PH["trait_run"], show_default=False)],
+    samples_run: Annotated[
+        Path, typer.Option("--samples-run", help=_PH["samples_run"], show_default=False)
+    ],
+    out: OutDir,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help=_PH["batch_size"])
+    ] = _P.batch_size,
+    dtype: Annotated[str, typer.Option("--dtype", help=_PH["dtype"])] = _P.dtype,
+    force: Force = False,
+) -> None:
+    """Score every completion of an eval-markers run by its projection on a trait vector
+    (mean response hidden state . v / |v|, per layer); rows and a per-persona summary."""
+    cfg = ProjectConfig(
+        trait_run=str(trait_run), samples_run=str(samples_run), batch_size=batch_size, dtype=dtype
+    )
+    result = run_project(cfg, out, force=force)
+    if result.already_done:
+        say_already_done(result.run.path)
+    s = result.summary
+    tr = s["trait"]
+    t = Table(title=f"projection on {tr['positive']} - {tr['negative']} ({tr['method']}), "
+              f"{s['n_scored']} completions, {s['n_empty']} empty")  # fmt: skip
+    t.add_column("persona")
+    t.add_column("n", justify="right")
+    for layer in s["layers"]:
+        t.add_column(f"layer {layer}", justify="right")
+    for pid, d in s["personas"].items():
+        t.add_row(pid, str(d["n"]), *(f"{d['mean_projection'][str(la)]:.3f}" for la in s["layers"]))
+    console.print(t)
+    console.print(f"projections: {result.run.file('projections.jsonl.gz')}", highlight=False)

@@ -9,7 +9,13 @@
   over questions.
 - `leakage`: the join of a similarity run with an eval-markers run (cosine to the source vs
   marker rate per bystander).
-- `plots`: the heatmap and scatter PNGs.
+- `shift`: two extract runs of the same personas and questions (base vs an adapter stack):
+  per-persona centroid shift and the change in mean off-diagonal cosine, paired bootstrap.
+- `trait`: trait vectors (positive minus negative persona centroid per layer) and the
+  projection of an eval-markers run's completions on them.
+- `steer`: forward hooks that add a vector to the residual stream or project it out (not yet
+  wired into generation).
+- `plots`: the heatmap, scatter and shift-bar PNGs.
 
 The library never prints and never imports typer or rich; `persona_cli.cli.geometry` is the
 command layer.

@@ -129,9 +129,12 @@ class ExtractResult:
 
 
 @dataclass(frozen=True)
-class _SamplesRun:
+class SamplesRun:
+    """A finished eval-markers run's answers, ordered by sample index."""
+
     path: Path
-    answers: dict[tuple[str, str], list[tuple[str, str]]]  # (persona, qid) -> [(question, text)]
+    # (persona, qid) -> [(sample_index, question, text)]
+    answers: dict[tuple[str, str], list[tuple[int, str, str]]]
     fields: dict[str, Any]  # its guarded sampling fields
 
 
@@ -145,29 +148,28 @@ class _Plan:
     personas: list[Persona]
     questions_file: Path
     questions: list[Question]
-    samples: _SamplesRun | None
+    samples: SamplesRun | None
 
 
-def _read_samples_run(spec: str) -> tuple[_SamplesRun, dict[str, Any]]:
+def read_samples_run(spec: str, option: str = "--samples-run") -> tuple[SamplesRun, dict[str, Any]]:
+    """The answers and guarded sampling fields of an eval-markers run, and its config."""
     path = Path(spec)
     if not is_done(path) or not (path / SAMPLES_FILE).is_file():
-        raise UserError(
-            f"--samples-run {spec}: not a finished eval-markers run (no DONE or samples)"
-        )
+        raise UserError(f"{option} {spec}: not a finished eval-markers run (no DONE or samples)")
     manifest, config = read_json(path / MANIFEST), read_json(path / CONFIG)
     answers: dict[tuple[str, str], list[tuple[int, str, str]]] = {}
     for row in read_jsonl(path / SAMPLES_FILE, SAMPLES.check):
         key = (row["persona"], row["question_id"])
         answers.setdefault(key, []).append((row["sample_index"], row["question"], row["text"]))
-    ordered = {k: [(q, t) for _, q, t in sorted(v)] for k, v in answers.items()}
+    ordered = {k: sorted(v) for k, v in answers.items()}
     fields = recorded_fields(manifest, path / MANIFEST, config)
     keep = ("backend", "temperature", "top_p", "max_new_tokens", "samples_per_prompt")
-    return _SamplesRun(path, ordered, {k: fields[k] for k in keep if k in fields}), config["config"]
+    return SamplesRun(path, ordered, {k: fields[k] for k in keep if k in fields}), config["config"]
 
 
 def _plan(cfg: ExtractConfig) -> _Plan:
     methods = methods_of(cfg.method)
-    samples, run_cfg = (None, {}) if cfg.samples_run is None else _read_samples_run(cfg.samples_run)
+    samples, run_cfg = (None, {}) if cfg.samples_run is None else read_samples_run(cfg.samples_run)
     if cfg.samples_run is not None and RESPONSE_MEAN not in methods:
         raise UserError("--samples-run: only response-mean reads answers; pass --method both")
     personas_file = Path(
@@ -209,7 +211,7 @@ def _plan(cfg: ExtractConfig) -> _Plan:
 
 
 def _check_samples_match(
-    samples: _SamplesRun,
+    samples: SamplesRun,
     run_cfg: dict[str, Any],
     model: models.ResolvedModel,
     stack: list[adapters_mod.Adapter],
@@ -262,7 +264,7 @@ def _answers(
 ) -> dict[tuple[str, str], list[str]]:
     """(persona, question id) -> answer texts: the samples run's, or generated and saved."""
     if plan.samples is not None:
-        return {k: [t for _, t in v] for k, v in plan.samples.answers.items()}
+        return {k: [t for _, _, t in v] for k, v in plan.samples.answers.items()}
     path = run.file(SAMPLES_FILE)
     if not path.is_file():  # an earlier attempt of this run may have saved them already
         gen = cfg.generation
@@ -296,8 +298,19 @@ def _answers(
 def _user_text(plan: _Plan, persona: Persona, question: Question) -> str:
     """The exact user turn: the samples run's (what was scored), else the first paraphrase."""
     if plan.samples is not None:
-        return plan.samples.answers[(persona.id, question.id)][0][0]
+        return plan.samples.answers[(persona.id, question.id)][0][1]
     return question.text
+
+
+def persona_prompt(tok: Any, report: Any, persona: Persona, user_text: str) -> str:
+    """One user turn under a persona's system prompt, with the assistant header."""
+    return render(
+        tok,
+        [{"role": "user", "content": user_text}],
+        SystemPrompt("text", persona.system_prompt),
+        report,
+        add_generation_prompt=True,
+    )
 
 
 def run_extract(
@@ -319,16 +332,7 @@ def run_extract(
     report = inspect_template(tok)
     net = adapters_mod.load_with_adapters(plan.model, plan.stack, dtype=cfg.dtype)
     cells = [(p, q) for p in plan.personas for q in plan.questions]
-    prompts = [
-        render(
-            tok,
-            [{"role": "user", "content": _user_text(plan, p, q)}],
-            SystemPrompt("text", p.system_prompt),
-            report,
-            add_generation_prompt=True,
-        )
-        for p, q in cells
-    ]
+    prompts = [persona_prompt(tok, report, p, _user_text(plan, p, q)) for p, q in cells]
     prompt_ids = [tok(s, add_special_tokens=False)["input_ids"] for s in prompts]
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     P, Q, L = len(plan.personas), len(plan.questions), len(plan.layers)

@@ -61,7 +61,7 @@ class LeakageResult:
     already_done: bool = False
 
 
-def _finished(path: str, command: str, option: str) -> Path:
+def finished_run(path: str, command: str, option: str) -> Path:
     run = Path(path)
     if not is_done(run) or read_json(run / CONFIG).get("command") != command:
         raise UserError(f"{option} {path}: not a finished {command} run")
@@ -113,8 +113,8 @@ def bootstrap_correlations(
 def _plan(cfg: LeakageConfig) -> dict[str, Any]:
     if cfg.matrix not in KINDS:
         raise UserError(f"--matrix {cfg.matrix!r}: choose from {', '.join(KINDS)}")
-    sim_run = _finished(cfg.similarity_run, SIMILARITY_COMMAND, "--similarity")
-    markers_run = _finished(cfg.markers_run, "eval-markers", "--markers")
+    sim_run = finished_run(cfg.similarity_run, SIMILARITY_COMMAND, "--similarity")
+    markers_run = finished_run(cfg.markers_run, "eval-markers", "--markers")
     sim = read_json(sim_run / SIMILARITY_FILE)
     summary = read_json(markers_run / "summary.json")
     markers_manifest = read_json(markers_run / MANIFEST)

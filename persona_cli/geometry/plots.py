@@ -75,3 +75,21 @@ def plot_scatter(
     ax.set_ylabel("marker rate")
     ax.set_title(title, fontsize=10)
     return _save(fig, path)
+
+
+def plot_bars(
+    panels: dict[str, dict[str, tuple[float, float, float]]], *, title: str, ylabel: str, path: Path
+) -> Path:
+    """One panel per label (a layer); per persona a bar (estimate) with its 95% interval."""
+    fig = _figure(min(2.5 + 3.2 * len(panels), 24), 4)
+    axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
+    for ax, (label, bars) in zip(axes, panels.items(), strict=True):
+        names = list(bars)
+        est = np.array([bars[n][0] for n in names])
+        err = np.abs(np.array([[bars[n][1] for n in names], [bars[n][2] for n in names]]) - est)
+        ax.bar(range(len(names)), est, yerr=err, capsize=2)
+        ax.set_xticks(range(len(names)), labels=names, fontsize=7, rotation=90)
+        ax.set_title(label, fontsize=10)
+    axes[0].set_ylabel(ylabel)
+    fig.suptitle(title, fontsize=11)
+    return _save(fig, path)

@@ -85,13 +85,13 @@ def figures(mats: dict[str, np.ndarray], ref: int) -> dict[str, np.ndarray]:
     """`mean_offdiag.KIND` [L] and `to_reference.KIND` [L, P] (raw and centred)."""
     p = next(iter(mats.values())).shape[-1]
     off = ~np.eye(p, dtype=bool)
-    out = {f"mean_offdiag.{k}": _nanmean(m[:, off]) for k, m in mats.items()}
+    out = {f"mean_offdiag.{k}": nanmean(m[:, off]) for k, m in mats.items()}
     for k in ("raw", "centred"):
         out[f"to_reference.{k}"] = mats[k][:, :, ref]
     return out
 
 
-def _nanmean(x: np.ndarray) -> np.ndarray:
+def nanmean(x: np.ndarray) -> np.ndarray:
     """Mean over the last axis of the finite entries; NaN where there are none."""
     finite = np.isfinite(x)
     count = finite.sum(axis=-1)
@@ -114,7 +114,7 @@ def bootstrap(
     return {k: np.stack(v) for k, v in draws.items()}
 
 
-def _interval(point: float, draws: np.ndarray) -> dict[str, float | None]:
+def interval(point: float, draws: np.ndarray) -> dict[str, float | None]:
     alpha = (1 - LEVEL) / 2
     finite = draws[np.isfinite(draws)]
     if not np.isfinite(point) or finite.size == 0:
@@ -150,14 +150,12 @@ def _layer_doc(
         "layer": meta.layers[li],
         "matrices": {k: _json_matrix(mats[k][li]) for k in KINDS},
         "mean_offdiag": {
-            k: _interval(point[f"mean_offdiag.{k}"][li], draws[f"mean_offdiag.{k}"][:, li])
+            k: interval(point[f"mean_offdiag.{k}"][li], draws[f"mean_offdiag.{k}"][:, li])
             for k in KINDS
         },
         "to_reference": {
             k: {
-                p: _interval(
-                    point[f"to_reference.{k}"][li, i], draws[f"to_reference.{k}"][:, li, i]
-                )
+                p: interval(point[f"to_reference.{k}"][li, i], draws[f"to_reference.{k}"][:, li, i])
                 for i, p in enumerate(personas)
             }
             for k in ("raw", "centred")

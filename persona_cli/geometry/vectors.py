@@ -8,6 +8,8 @@ over questions recomputes centroids from the second file. Both files carry the s
 safetensors metadata (strings; lists and mappings as JSON): schema_version, model, adapters
 (each adapter's weights sha256, stack order), methods, layers, personas and questions (the
 order of the tensor axes), question_set_sha256, template_sha256. Written atomically.
+`persona-vectors trait` writes trait.safetensors with the same metadata: one tensor keyed by
+its method, [layers, hidden], and `personas` = [positive, negative].
 """
 
 from __future__ import annotations
