@@ -11,7 +11,7 @@ eval-markers' `source.rate` does) a count test on completions pooled over seeds 
 beside it, labelled `pooled`; with one seed per condition that count test is the headline and
 the row's `note` says so. `p_holm` and `p_bonferroni` adjust the headline p-values over every
 comparison (`adjustment` names the family); Cohen's d comes with them. All of it runs after
-`protocol.check_protocols` found no undeclared difference.
+`guard.check_protocols` found no undeclared difference.
 
     persona-cli compare --condition base='runs/base_s*' --condition em='runs/em_s*' \\
         --metric source.rate --reference base --out runs/compare_em
@@ -28,8 +28,7 @@ from persona_cli import stats
 from persona_cli.artifacts import read_json
 from persona_cli.errors import InputError, UserError
 from persona_cli.guard import (
-    ProtocolMismatch,
-    check_protocols,
+    guard_protocols,
     lineage_seed,
     metric_value,
     protocol_of,
@@ -120,10 +119,7 @@ def collect(conditions: dict[str, list[Path]], metric: str) -> dict[str, list[Ru
 
 def _guard(points: dict[str, list[RunPoint]], allow_diff: set[str]) -> list[dict[str, Any]]:
     protocols = {p.run: p.protocol for ps in points.values() for p in ps}
-    refused, allowed = check_protocols(protocols, allow_diff)
-    if refused:
-        raise ProtocolMismatch(refused)
-    return [{"field": d.field, "values": d.values} for d in allowed]
+    return [d.to_dict() for d in guard_protocols(protocols, allow_diff)]
 
 
 def seed_stats(

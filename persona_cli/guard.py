@@ -18,7 +18,7 @@ from typing import Any
 
 from persona_cli.artifacts import read_json
 from persona_cli.errors import EXIT_PROTOCOL, InputError, UserError
-from persona_cli.protocol import GUARDED_FIELDS, recorded_fields
+from persona_cli.protocol import GUARDED_FIELDS, run_fields
 from persona_cli.schemas import CONFIG, MANIFEST
 
 
@@ -27,11 +27,6 @@ def _training_run_of(adapter_path: str) -> Path | None:
     p = Path(adapter_path)
     run = p.parent if p.name == "adapter" else p
     return run if (run / MANIFEST).is_file() else None
-
-
-def _run_fields(run: Path) -> dict[str, Any]:
-    config = read_json(run / CONFIG) if (run / CONFIG).is_file() else None
-    return recorded_fields(read_json(run / MANIFEST), run / MANIFEST, config)
 
 
 def lineage_seed(run: str | Path) -> int | None:
@@ -67,13 +62,13 @@ def protocol_of(run: str | Path) -> dict[str, Any]:
     training run behind the i-th adapter of its stack (when that run directory still exists)."""
     run = Path(run)
     manifest = read_json(run / MANIFEST)
-    fields = _run_fields(run)
+    fields = run_fields(run, manifest)
     for i, adapter in enumerate(manifest.get("adapters") or []):
         source = _training_run_of(adapter["path"])
         if source is None:
             fields[f"stage[{i}].adapter"] = adapter["weights_sha256"]
             continue
-        for k, v in _run_fields(source).items():
+        for k, v in run_fields(source).items():
             fields[f"stage[{i}].{k}"] = v
     return fields
 
@@ -145,14 +140,20 @@ class ProtocolMismatch(UserError):
         )
 
 
-def guard_runs(runs: dict[str, Path], allow_diff: Iterable[str] = ()) -> list[ProtocolDifference]:
-    """The protocol guard for finished run directories (label -> run): raises
-    `ProtocolMismatch` (exit 3) when their protocols differ in a field not in `allow_diff`;
-    returns the declared differences, which callers report beside their results."""
-    refused, allowed = check_protocols({k: protocol_of(r) for k, r in runs.items()}, allow_diff)
+def guard_protocols(
+    protocols: dict[str, dict[str, Any]], allow_diff: Iterable[str] = ()
+) -> list[ProtocolDifference]:
+    """`check_protocols` that raises `ProtocolMismatch` (exit 3) on a difference not in
+    `allow_diff`; returns the declared differences, which callers report beside their results."""
+    refused, allowed = check_protocols(protocols, allow_diff)
     if refused:
         raise ProtocolMismatch(refused)
     return allowed
+
+
+def guard_runs(runs: dict[str, Path], allow_diff: Iterable[str] = ()) -> list[ProtocolDifference]:
+    """The protocol guard for finished run directories (label -> run)."""
+    return guard_protocols({k: protocol_of(r) for k, r in runs.items()}, allow_diff)
 
 
 def metric_value(summary: dict[str, Any], path: str, source: str | Path) -> float:

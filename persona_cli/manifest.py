@@ -67,6 +67,14 @@ class BatchProtocol:
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "effective_batch": self.effective_batch}
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BatchProtocol:
+        """The inverse of `to_dict` (effective_batch is derived, so it is checked, not read)."""
+        batch = cls(d["per_device_batch"], d["grad_accum"], d["world_size"], d["optimizer_steps"])
+        if batch.effective_batch != d["effective_batch"]:
+            raise ValueError(f"effective_batch {d['effective_batch']} != {batch.effective_batch}")
+        return batch
+
 
 def world_size_from_env() -> int:
     """World size as torchrun/accelerate set it; 1 for a plain process."""

@@ -11,10 +11,10 @@ pairs are matched by `guard.lineage_seed` when every run has a distinct one on b
 by order; each delta is then summarised across pairs (mean, t-interval via
 `stats.summarize_seeds`) with how many pairs agree in sign.
 
-The guard: runs within a side must agree on every guarded field, their adapters' training runs
-included (`guard.guard_runs`); across the sides only the runs' own fields are compared (item set,
-scorer, chat template, system prompt: the adapter stack behind B is the manipulation), through
-`guard.check_protocols`. A refused difference raises `ProtocolMismatch` (exit 3).
+The guard (`guard.guard_protocols`, each run's protocol read once): runs within a side must agree
+on every guarded field, their adapters' training runs included; across the sides only the runs'
+own fields are compared (item set, scorer, chat template, system prompt: the adapter stack behind
+B is the manipulation). A refused difference raises `ProtocolMismatch` (exit 3).
 
 The comparison works on `Outcomes` (per-item booleans with their groups), so a reader for other
 paired runs (eval-markers samples, judge-align answers) plugs in beside `capability_outcomes`.
@@ -32,13 +32,7 @@ import numpy as np
 
 from persona_cli.artifacts import read_json, read_jsonl
 from persona_cli.errors import InputError, UserError
-from persona_cli.guard import (
-    ProtocolMismatch,
-    check_protocols,
-    guard_runs,
-    lineage_seed,
-    protocol_of,
-)
+from persona_cli.guard import guard_protocols, lineage_seed, protocol_of
 from persona_cli.rundir import is_done
 from persona_cli.schemas import MANIFEST
 
@@ -207,18 +201,17 @@ def guard(a_runs: list[Path], b_runs: list[Path], allow_diff: Iterable[str]) -> 
     """Within a side: every guarded field, stages included. Across sides: the runs' own fields.
     Returns the declared (--allow-diff) differences; raises ProtocolMismatch on others."""
     allow = set(allow_diff)
+    sides = {"A": {f"A:{r}": protocol_of(r) for r in a_runs}}
+    sides["B"] = {f"B:{r}": protocol_of(r) for r in b_runs}
     allowed = []
-    for side, runs in (("A", a_runs), ("B", b_runs)):
-        allowed += guard_runs({f"{side}:{r}": r for r in runs}, allow)
+    for protocols in sides.values():
+        allowed += guard_protocols(protocols, allow)
     own = {
-        f"{side}:{r}": {k: v for k, v in protocol_of(r).items() if not k.startswith("stage[")}
-        for side, runs in (("A", a_runs), ("B", b_runs))
-        for r in runs
+        label: {k: v for k, v in p.items() if not k.startswith("stage[")}
+        for protocols in sides.values()
+        for label, p in protocols.items()
     }
-    refused, across = check_protocols(own, allow)
-    if refused:
-        raise ProtocolMismatch(refused)
-    return allowed + across
+    return allowed + guard_protocols(own, allow)
 
 
 def compare_items(

@@ -27,9 +27,10 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from persona_cli.artifacts import sha256_json
+from persona_cli.artifacts import read_json, sha256_json
 from persona_cli.errors import InputError
 from persona_cli.manifest import BatchProtocol
+from persona_cli.schemas import CONFIG, MANIFEST
 
 # Field -> what it means; the order is the order they are reported in.
 GUARDED_FIELDS: dict[str, str] = {
@@ -204,7 +205,7 @@ def batch_protocol(batch: BatchProtocol) -> RunProtocol:
 
 def training_protocol(batch: BatchProtocol, learning_rate: float, **fields: Any) -> RunProtocol:
     """Batch, steps and learning rate; `fields`: lr_scheduler, warmup_steps and such."""
-    return RunProtocol({**batch.to_dict(), "learning_rate": learning_rate, **fields})
+    return batch_protocol(batch) | RunProtocol({"learning_rate": learning_rate, **fields})
 
 
 def adapter_protocol(
@@ -318,6 +319,15 @@ def recorded_fields(
         if "system_prompt" in template:
             fields["system_prompt"] = template["system_prompt"]
     return fields
+
+
+def run_fields(run: Path, manifest: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """`recorded_fields` of the run directory `run`: its manifest (read unless given) and, for
+    schema 1, its config.json."""
+    if manifest is None:
+        manifest = read_json(run / MANIFEST)
+    config = read_json(run / CONFIG) if (run / CONFIG).is_file() else None
+    return recorded_fields(manifest, run / MANIFEST, config)
 
 
 # Schema-1 protocol keys -> field names (per command where a key meant different things).

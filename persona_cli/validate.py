@@ -16,7 +16,7 @@ from pathlib import Path
 
 from persona_cli.artifacts import iter_jsonl_lines, read_json, sha256_file
 from persona_cli.errors import InputError
-from persona_cli.protocol import recorded_fields
+from persona_cli.protocol import run_fields
 from persona_cli.registry import load_personas, load_questions, load_yaml
 from persona_cli.schemas import (
     CONFIG,
@@ -163,8 +163,7 @@ def validate_file(path: str | Path, kind: str | None = None, max_problems: int =
         elif kind == "manifest":
             doc = _document(report, MANIFEST_KEYS, MANIFEST_VERSIONS_READ)
             if not report.problems:  # a schema-2 protocol holds guarded fields only
-                config = path.parent / CONFIG
-                recorded_fields(doc, path, read_json(config) if config.is_file() else None)
+                run_fields(path.parent, doc)
         elif kind == "config":
             _document(report, CONFIG_KEYS, CONFIG_VERSION)
         elif kind == "summary":

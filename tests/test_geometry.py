@@ -9,14 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_results import invoke_ok as _invoke
+from cli_results import one_error_line as _error
 from safetensors.numpy import load_file
 from scipy import stats
-from typer.testing import CliRunner
 
 from persona_cli import bundled, models
 from persona_cli.artifacts import read_json, read_jsonl
 from persona_cli.chat_template import SystemPrompt, inspect_template, render
-from persona_cli.cli import app
 from persona_cli.registry import load_personas
 
 PERSONAS = ["assistant", "villain", "pirate", "poet", "paramedic", "sarcastic"]
@@ -26,20 +26,6 @@ QUESTIONS = {
     "long": "Tell me, in your own words and at whatever length you like, what you think about "
     "the future of humans and artificial intelligence living together.",
 }
-
-
-def _invoke(args: list[str]) -> object:
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, (result.output + result.stderr, result.exception)
-    return result
-
-
-def _error(args: list[str], code: int = 2) -> str:
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == code, result.output + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_results import invoke_ok as _invoke
+from cli_results import one_error_line as _error
 from safetensors.numpy import load_file
-from typer.testing import CliRunner
 
 from persona_cli import bundled
 from persona_cli.artifacts import read_json
-from persona_cli.cli import app
 
 PERSONAS = ["assistant", "villain", "pirate", "poet"]
 QUESTIONS = {
@@ -23,20 +23,6 @@ QUESTIONS = {
     "medium": "What is one thing you would change about the world?",
     "long": "Tell me, at whatever length you like, what you think about the future.",
 }
-
-
-def _invoke(args: list[str]) -> object:
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, (result.output + result.stderr, result.exception)
-    return result
-
-
-def _error(args: list[str], code: int = 2) -> str:
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == code, result.output + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,9 @@ from persona_cli.cli.options import (
     PersonasFile,
     QuestionsFile,
     Seed,
+    generation_config,
     report_done,
 )
-from persona_cli.errors import UserError
 from persona_cli.eval.markers import (
     BACKENDS,
     DEFAULT_MARKER,
@@ -145,17 +145,14 @@ def eval_markers(
     persona, source and mean bystander rate), heatmap.png, manifest.json and DONE. An
     interrupted run resumes where it stopped.
     """
-    try:
-        generation = GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            n=samples,
-            seed=seed,
-            batch_size=batch_size,
-        )
-    except ValueError as e:
-        raise UserError(f"generation options: {e}") from None
+    generation = generation_config(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        n=samples,
+        seed=seed,
+        batch_size=batch_size,
+    )
     cfg = MarkerEvalConfig(
         model=model,
         adapters=tuple(str(a) for a in adapter or ()),

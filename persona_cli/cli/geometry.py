@@ -29,9 +29,9 @@ from persona_cli.cli.options import (
     PersonasFile,
     QuestionsFile,
     Seed,
+    generation_config,
     say_already_done,
 )
-from persona_cli.errors import UserError
 from persona_cli.generate import GenerationConfig
 from persona_cli.geometry.extract import ExtractConfig, run_extract
 from persona_cli.geometry.leakage import LeakageConfig, run_leakage
@@ -102,16 +102,13 @@ def extract(
     question_vectors.safetensors, rows.jsonl.gz (per persona, question and method: token
     counts and per-layer norms), summary.json, and samples.jsonl.gz when it generated answers.
     """
-    try:
-        generation = GenerationConfig(
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            n=samples,
-            seed=seed,
-            batch_size=batch_size,
-        )
-    except ValueError as e:
-        raise UserError(f"generation options: {e}") from None
+    generation = generation_config(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        n=samples,
+        seed=seed,
+        batch_size=batch_size,
+    )
     cfg = ExtractConfig(
         model=model,
         adapters=None if adapter is None else tuple(str(a) for a in adapter),

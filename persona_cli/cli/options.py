@@ -5,12 +5,15 @@ def eval_markers(out: OutDir, model: ModelSpec = "smollm2-135m", force: Force = 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from persona_cli.cli.console import err_console
+from persona_cli.errors import UserError
+from persona_cli.generate.config import GenerationConfig
 from persona_cli.rundir import RunDir
 
 OutDir = Annotated[
@@ -67,6 +70,16 @@ QuestionsFile = Annotated[
     ),
 ]
 Seed = Annotated[int, typer.Option("--seed", help="Seed for every random choice and sampler.")]
+
+
+def generation_config(base: GenerationConfig | None = None, **given: Any) -> GenerationConfig:
+    """`base` (default: GenerationConfig()) with every sampling option given (None keeps the
+    base's value); a value GenerationConfig rejects ends as one line naming it."""
+    try:
+        chosen = {k: v for k, v in given.items() if v is not None}
+        return replace(base or GenerationConfig(), **chosen)
+    except ValueError as e:
+        raise UserError(f"generation options: {e}") from None
 
 
 def say_already_done(path: Path) -> None:

@@ -32,7 +32,7 @@ from rich.progress import (
 from rich.table import Table
 
 from persona_cli.cli.console import CompletionBar, console, err_console
-from persona_cli.cli.options import Adapters, Force, OutDir, say_already_done
+from persona_cli.cli.options import Adapters, Force, OutDir, generation_config, say_already_done
 from persona_cli.errors import EXIT_CHECK_FAILED, UserError
 from persona_cli.generate.config import GenerationConfig
 from persona_cli.probe.config import (
@@ -143,18 +143,15 @@ def teacher_pool(
     """
     from persona_cli.probe.teacher_pool import run_teacher_pool
 
-    sampling = {
-        "n": generations,
-        "max_new_tokens": max_new_tokens,
-        "temperature": temperature,
-        "top_p": top_p,
-        "batch_size": batch_size,
-        "seed": seed,
-    }
-    try:
-        generation = replace(_POOL_GEN, **{k: v for k, v in sampling.items() if v is not None})
-    except ValueError as e:
-        raise UserError(f"generation options: {e}") from None
+    generation = generation_config(
+        _POOL_GEN,
+        n=generations,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        batch_size=batch_size,
+        seed=seed,
+    )
     config = _given(
         TeacherPoolConfig,
         model=model,

@@ -39,9 +39,9 @@ from persona_cli.protocol import (
     details,
     judge_protocol,
     method_protocol,
-    recorded_fields,
+    run_fields,
 )
-from persona_cli.rundir import CONFIG, MANIFEST, open_run
+from persona_cli.rundir import MANIFEST, open_run
 from persona_cli.schemas import JUDGMENTS
 
 log = logging.getLogger(__name__)
@@ -75,9 +75,7 @@ def _upstream(source: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
     if source.name != SAMPLES_FILE or not manifest.is_file():
         return None
     doc = read_json(manifest)
-    config = source.parent / CONFIG
-    fields = recorded_fields(doc, manifest, read_json(config) if config.is_file() else None)
-    return doc, fields
+    return doc, run_fields(source.parent, doc)
 
 
 def _protocol(

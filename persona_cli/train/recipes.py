@@ -44,6 +44,7 @@ from persona_cli.adapters import (
 from persona_cli.artifacts import read_json, sha256_file, write_json, write_jsonl
 from persona_cli.chat_template import SystemPrompt, guard_record, inspect_template
 from persona_cli.errors import UserError
+from persona_cli.manifest import BatchProtocol
 from persona_cli.models import (
     EMBEDDED,
     ResolvedModel,
@@ -57,6 +58,7 @@ from persona_cli.protocol import (
     coupling_protocol,
     details,
     method_protocol,
+    training_protocol,
 )
 from persona_cli.registry import Persona, Question, load_personas, load_questions, select_personas
 from persona_cli.rundir import RunDir, open_run
@@ -253,13 +255,11 @@ def _train_and_finish(
         inputs=inputs,
         model=record,
         chat_template=chat_template,
-        protocol=RunProtocol(
-            {
-                **summary["protocol"],
-                "learning_rate": cfg.learning_rate,
-                "lr_scheduler": cfg.lr_scheduler,
-                "warmup_steps": cfg.warmup_steps,
-            }
+        protocol=training_protocol(
+            BatchProtocol.from_dict(summary["protocol"]),
+            cfg.learning_rate,
+            lr_scheduler=cfg.lr_scheduler,
+            warmup_steps=cfg.warmup_steps,
         )
         | adapter_protocol(
             kind="lora", rank=cfg.lora_r, alpha=cfg.lora_alpha, targets=cfg.lora_targets
