@@ -85,7 +85,7 @@ def api_args(server, inp: Path, out: Path, *extra: str) -> list[str]:
         "--max-retries",
         "3",
         "--timeout",
-        "1.0",
+        "3.0",
         "--id-column",
         "id",
         *extra,
@@ -102,7 +102,7 @@ def all_bytes(root: Path) -> bytes:
     return b"\n".join(chunks)
 
 
-RETRIED = ["{500*2}", "{slow:1.5*1}", "{badjson*1}", "{drop*1}", "{echokey:500*1}", "{429:0*1}"]
+RETRIED = ["{500*2}", "{slow:4.5*1}", "{badjson*1}", "{drop*1}", "{echokey:500*1}", "{429:0*1}"]
 FAILING = ["{500}", "{drop}", "{nologprobs}"]
 HEALTHY = ["A kind and helpful answer.", "Another calm answer.", "Plant a tree."]
 
