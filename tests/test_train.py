@@ -234,7 +234,8 @@ def test_loss_falls_base_stays_frozen_adapter_moves(tmp_path: Path):
     )
     snap = Snapshots()
     out = train_sft(
-        SftJob(out=tmp_path / "run", data=(data,), model=models.TINY, train=cfg),
+        SftJob(data=(str(data),), model=models.TINY, train=cfg),
+        tmp_path / "run",
         callbacks=[snap.callback],
     )
     log = read_jsonl(tmp_path / "run" / "train_log.jsonl.gz")
@@ -383,6 +384,6 @@ def test_padding_free_first_step_loss_matches_padded(tmp_path: Path):
             padding_free=padding_free,
         )
         run = tmp_path / f"run_{padding_free}"
-        train_sft(SftJob(out=run, data=(data,), model=models.TINY, train=cfg))
+        train_sft(SftJob(data=(str(data),), model=models.TINY, train=cfg), run)
         losses[padding_free] = read_jsonl(run / "train_log.jsonl.gz")[0]["loss"]
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
