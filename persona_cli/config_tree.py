@@ -217,7 +217,8 @@ def _build(cls: type, values: Mapping[str, Any], source: str, prefix: str = "") 
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as e:
-        raise UserError(f"{source}: {e}") from None
+        where = f" ({source})" if source != "--config" else ""
+        raise UserError(f"{prefix.rstrip('.') or cls.__name__} options: {e}{where}") from None
 
 
 def resolve(

@@ -156,14 +156,16 @@ def configured(
     arguments: Iterable[str] = (),
     no_flag: Mapping[str, str] | None = None,
     links: Mapping[str, str] | None = None,
+    parsers: Mapping[str, Callable[[str], Any]] | None = None,
     run_dir: bool = True,
+    out_optional: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Declare a command's options from `config_cls` (see the module doc). `defaults` builds
     the instance whose values are the command's defaults (e.g. couple-marker's coupling
     learning rate); without it the dataclass defaults apply. `links` maps a field with no flag
     of its own to the field whose flag sets it too (couple-marker: `coupling.seed` follows
     `--seed`); a config file sets each separately."""
-    links = dict(links or {})
+    links, parsers = dict(links or {}), dict(parsers or {})
     flags, no_flag = dict(flags or {}), dict(no_flag or {})
     for target, src in links.items():
         no_flag.setdefault(target, f"follows {flags.get(src, src)} (set it apart in --config)")
@@ -172,7 +174,8 @@ def configured(
     def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
         tree = leaves(config_cls, defaults() if defaults else None)
         paths = {leaf.path for leaf in tree}
-        unknown = (set(flags) | set(no_flag) | set(links.values()) | repeat | arguments) - paths
+        declared = set(flags) | set(no_flag) | set(links.values()) | set(parsers)
+        unknown = (declared | repeat | arguments) - paths
         if unknown:
             raise TypeError(f"{func.__name__}: not fields of {config_cls.__name__}: {unknown}")
         own = inspect.signature(func).parameters
@@ -201,6 +204,8 @@ def configured(
         control = []
         if run_dir:
             out_help = "Run directory to write (config.json, artifacts, manifest.json, DONE)."
+            if out_optional:
+                out_help = "Also write a run directory (config.json, result, manifest.json, DONE)."
             control.append(
                 (
                     "out",
@@ -285,7 +290,8 @@ def configured(
                 source = ctx.get_parameter_source(pname)
                 if source is None or source.name in ("DEFAULT", "DEFAULT_MAP"):
                     continue  # not given: the file's or the config's value stands
-                given[leaf.path] = _from_flag(value, leaf, flag)
+                parse = parsers.get(leaf.path)
+                given[leaf.path] = parse(value) if parse else _from_flag(value, leaf, flag)
             for target, src in links.items():
                 if src in given:
                     given[target] = given[src]
@@ -304,7 +310,7 @@ def configured(
                 flag_names=first_names,
             )
             if run_dir:
-                if out is None:
+                if out is None and not out_optional:
                     raise UserError("missing option '--out' (the run directory to write)")
                 return func(cfg, out=out, force=force, **kwargs)
             return func(cfg, **kwargs)
