@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from rich.table import Table
 
-from persona_cli.cli.console import CompletionBar, console
+from persona_cli.cli.console import ProgressDisplay, console
 from persona_cli.cli.options import configured, say_already_done
 from persona_cli.eval.config import MarkerEvalConfig
 
@@ -81,13 +81,15 @@ def eval_markers(cfg: MarkerEvalConfig, out: Path, force: bool) -> None:
     """
     from persona_cli.eval.markers import run_eval_markers
 
-    with CompletionBar(["generating"], "eval-markers") as bar:
+    with ProgressDisplay("eval-markers") as display:
         result = run_eval_markers(
             cfg,
             out,
             force=force,
-            on_plan=bar.plan,
-            progress=lambda n: bar.advance("generating", n),
+            on_plan=lambda total, left: display.begin(
+                "", total, done=total - left, unit="completions"
+            ),
+            progress=lambda n: display.advance("", n),
         )
     if result.already_done:
         say_already_done(result.run.path)

@@ -15,29 +15,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    ProgressColumn,
-    Task,
-    TaskID,
-    TimeRemainingColumn,
-)
 from rich.table import Table
-from rich.text import Text
 
-from persona_cli.cli.console import console, err_console
+from persona_cli.cli.console import ProgressDisplay, console
 from persona_cli.cli.options import configured, say_already_done
 from persona_cli.judge.config import JudgeJob
-
-
-class RowsPerSecond(ProgressColumn):
-    """Judge readings per second (rich's own speed column counts bytes)."""
-
-    def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text("- rows/s" if speed is None else f"{speed:.1f} rows/s", style="progress.data")
 
 
 def _num(value: float | None, digits: int = 1) -> str:
@@ -99,27 +81,8 @@ def judge_align_command(cfg: JudgeJob, out: Path, force: bool) -> None:
     """
     from persona_cli.judge.run import judge_align
 
-    bar = Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        RowsPerSecond(),
-        TimeRemainingColumn(),
-        console=err_console,
-    )
-    tasks: list[TaskID] = []
-
-    def progress(done: int, total: int) -> None:
-        # Started at the first report, so a rejected input prints only its error line.
-        if not tasks:
-            bar.start()
-            tasks.append(bar.add_task("judging", total=total))
-        bar.update(tasks[0], completed=done, total=total)
-
-    try:
-        outcome = judge_align(cfg.judge, cfg.input, out, force=force, progress=progress)
-    finally:
-        bar.stop()
+    with ProgressDisplay("judge-align") as display:
+        outcome = judge_align(cfg.judge, cfg.input, out, force=force, progress=display)
     if outcome.already_done:
         say_already_done(outcome.run_dir)
         return

@@ -9,15 +9,13 @@ layer over `persona_cli.train.grpo`).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from persona_cli.cli.console import console, err_console
+from persona_cli.cli.console import ProgressDisplay, console
 from persona_cli.cli.options import configured, say_already_done
 from persona_cli.cli.train import TRAIN_FLAGS
 from persona_cli.train.grpo import RLJob, sdpo_job_defaults
@@ -38,47 +36,6 @@ SDPO_NO_FLAG = {
     "rl.grpo_weight": "train-sdpo is the distillation term alone (train-grpo --sdpo-weight "
     "combines both)",
 }
-
-
-class RichRLProgress:
-    """Optimizer steps as a rich progress bar with reward mean, loss and steps/s (on stderr)."""
-
-    def __init__(self, label: str):
-        self.label = label
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn(
-                "reward {task.fields[reward]}  loss {task.fields[loss]}  {task.fields[rate]}"
-            ),
-            TimeRemainingColumn(),
-            console=err_console,
-        )
-        self.task: Any = None
-        self.t0 = 0.0
-        self.first = 0
-
-    def start(self, total: int, completed: int) -> None:
-        self.progress.start()
-        self.t0, self.first = time.monotonic(), completed
-        self.task = self.progress.add_task(
-            self.label, total=total, completed=completed, reward="-", loss="-", rate=""
-        )
-
-    def advance(self, completed: int, row: dict[str, Any] | None) -> None:
-        rate = (completed - self.first) / max(time.monotonic() - self.t0, 1e-9)
-        fields = {"rate": f"{rate:.2f} steps/s"}
-        if row:
-            mean = row["reward_mean"]
-            fields |= {
-                "reward": "-" if mean is None else f"{mean:.3f}",
-                "loss": f"{row['loss']:.4f}",
-            }
-        self.progress.update(self.task, completed=completed, **fields)
-
-    def finish(self) -> None:
-        self.progress.stop()
 
 
 def _report(outcome: Any) -> None:
@@ -114,11 +71,14 @@ def _report(outcome: Any) -> None:
 
 
 def _run(command: str, cfg: RLJob, out: Path, force: bool) -> None:
+    from persona_cli.train.callbacks import ProgressCallback
     from persona_cli.train.grpo import train_rl
-    from persona_cli.train.rl_log import RLProgressCallback
+    from persona_cli.train.rl_log import reward_status
 
-    progress = RLProgressCallback(RichRLProgress(command))
-    _report(train_rl(cfg, out, force=force, command=command, callbacks=[progress]))
+    with ProgressDisplay(command) as display:
+        progress = ProgressCallback(display, status=reward_status)
+        outcome = train_rl(cfg, out, force=force, command=command, callbacks=[progress])
+    _report(outcome)
 
 
 @configured(RLJob, flags=RL_FLAGS, repeat={"adapters"}, no_flag=RL_NO_FLAG)

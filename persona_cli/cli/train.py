@@ -14,16 +14,14 @@ layer over `persona_cli.train.recipes`).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from persona_cli import bundled
-from persona_cli.cli.console import LogThrottle, console, err_console
+from persona_cli.cli.console import ProgressDisplay, console
 from persona_cli.cli.options import configured, say_already_done
 from persona_cli.train.config import CouplingJob, DpoJob, SftJob
 
@@ -36,56 +34,6 @@ TRAIN_FLAGS = {
     "adapters": "--adapter",
 }
 TRAIN_REPEAT = {"adapters"}
-
-
-class RichStepProgress:
-    """Optimizer steps as a rich progress bar with loss, lr and steps/s (on stderr). When stderr
-    is not a terminal (nohup, pueue, a CI log), where a live bar does not render, one plain line
-    every `log_every` seconds and at the last step instead."""
-
-    def __init__(self, label: str, log_every: float = 30.0):
-        self.label = label
-        self.live = err_console.is_terminal
-        self.log_every = log_every
-        self.log_lines: LogThrottle | None = None  # made at start()
-        self.total = 0
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[rate]}"),
-            TimeRemainingColumn(),
-            console=err_console,
-        )
-        self.task: Any = None
-        self.t0 = 0.0
-        self.first = 0
-
-    def start(self, total: int, completed: int) -> None:
-        if self.live:
-            self.progress.start()
-        self.t0, self.first, self.total = time.monotonic(), completed, total
-        self.log_lines = LogThrottle(self.log_every)  # the first line comes log_every from now
-        self.task = self.progress.add_task(
-            self.label, total=total, completed=completed, loss="-", lr="-", rate=""
-        )
-
-    def advance(self, completed: int, row: dict[str, Any] | None) -> None:
-        rate = (completed - self.first) / max(time.monotonic() - self.t0, 1e-9)
-        fields = {"rate": f"{rate:.2f} steps/s"}
-        if row:
-            fields |= {"loss": f"{row['loss']:.4f}", "lr": f"{row['lr']:.2e}"}
-        self.progress.update(self.task, completed=completed, **fields)
-        assert self.log_lines is not None, "advance() before start()"
-        if self.log_lines.due(finished=completed >= self.total):
-            loss = f"  loss {fields['loss']}  lr {fields['lr']}" if row else ""
-            err_console.print(
-                f"{self.label}: step {completed}/{self.total}{loss}  {fields['rate']}",
-                highlight=False,
-            )
-
-    def finish(self) -> None:
-        self.progress.stop()
 
 
 def _report(outcome: Any, rows_label: str = "rows") -> None:
@@ -109,10 +57,10 @@ def _report(outcome: Any, rows_label: str = "rows") -> None:
     console.print(t)
 
 
-def _callbacks(label: str) -> list[Any]:
+def _callbacks(display: ProgressDisplay) -> list[Any]:
     from persona_cli.train.callbacks import ProgressCallback
 
-    return [ProgressCallback(RichStepProgress(label))]
+    return [ProgressCallback(display)]
 
 
 @configured(
@@ -125,7 +73,9 @@ def train_sft(cfg: SftJob, out: Path, force: bool) -> None:
     --mix FILE:WEIGHT builds a seeded mixture of several files."""
     from persona_cli.train.recipes import train_sft as run
 
-    _report(run(cfg, out, force=force, command="train-sft", callbacks=_callbacks("train-sft")))
+    with ProgressDisplay("train-sft") as display:
+        outcome = run(cfg, out, force=force, command="train-sft", callbacks=_callbacks(display))
+    _report(outcome)
 
 
 def _em_defaults() -> SftJob:
@@ -143,7 +93,9 @@ def train_em(cfg: SftJob, out: Path, force: bool) -> None:
     under an optional --persona system prompt."""
     from persona_cli.train.recipes import train_sft as run
 
-    _report(run(cfg, out, force=force, command="train-em", callbacks=_callbacks("train-em")))
+    with ProgressDisplay("train-em") as display:
+        outcome = run(cfg, out, force=force, command="train-em", callbacks=_callbacks(display))
+    _report(outcome)
 
 
 @configured(
@@ -164,7 +116,9 @@ def couple_marker(cfg: CouplingJob, out: Path, force: bool) -> None:
     protocol (lr 5e-6, 20 epochs) unless overridden."""
     from persona_cli.train.recipes import couple_marker as run
 
-    _report(run(cfg, out, force=force, callbacks=_callbacks("couple-marker")))
+    with ProgressDisplay("couple-marker") as display:
+        outcome = run(cfg, out, force=force, callbacks=_callbacks(display))
+    _report(outcome)
 
 
 @configured(
@@ -179,7 +133,9 @@ def train_dpo(cfg: DpoJob, out: Path, force: bool) -> None:
     reference. Writes the adapter, train_log.jsonl.gz with the DPO rewards, and the manifest."""
     from persona_cli.train.recipes import train_dpo as run
 
-    _report(run(cfg, out, force=force, callbacks=_callbacks("train-dpo")), rows_label="pairs")
+    with ProgressDisplay("train-dpo") as display:
+        outcome = run(cfg, out, force=force, callbacks=_callbacks(display))
+    _report(outcome, rows_label="pairs")
 
 
 def register(app: typer.Typer, rich_help_panel: str) -> None:

@@ -130,7 +130,7 @@ def extract_vhack(
             records.append(_row_record(r, False, reason, None))
         else:
             todo.append((r, enc))
-    progress.begin("gradients", len(todo), unit="rows")
+    progress.begin("", len(todo), unit="rows")
     for start in range(0, len(todo), config.batch_size):
         chunk = todo[start : start + config.batch_size]
         got = per_sample_grads(
@@ -141,7 +141,7 @@ def extract_vhack(
             counts[r.hacked] += 1
             nll_sums[r.hacked] += float(nll)
             records.append(_row_record(r, True, None, float(nll)))
-        progress.advance("gradients", len(chunk))
+        progress.advance("", len(chunk))
 
     n_hack, n_clean = counts[True], counts[False]
     if config.loss == "nll":

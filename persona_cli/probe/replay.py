@@ -319,7 +319,7 @@ def replay(
             first,
             len(order),
         )
-    progress.begin("replay steps", len(order), done=first, unit="steps")
+    progress.begin("", len(order), done=first, unit="steps")
     for k in range(first, len(order)):
         step = order[k]
         rows, update = replay_step(adapter, v, tokenizer, steps[step], config)
@@ -332,7 +332,7 @@ def replay(
         write_jsonl(run.file(step_name(step)), rows, schema_version=PROBE_STEP.version)
         if k >= 1:  # a resume needs only the checkpoint after the newest step file
             _checkpoint(run, order[k - 1]).unlink(missing_ok=True)
-        progress.update("replay steps", k + 1)
+        progress.update("", k + 1)
     _save_adapter(run.file("adapter_final.safetensors"), adapter)
     per_step = [
         step_stats(list(iter_jsonl(run.file(step_name(s)), PROBE_STEP.check))) for s in order
