@@ -71,6 +71,7 @@ def _table(result: EvalResult) -> Table:
         "vllm.enforce_eager": "--vllm-enforce-eager/--vllm-cuda-graphs",
     },
     repeat={"adapters"},
+    report_to=True,
 )
 def eval_markers(cfg: MarkerEvalConfig, out: Path, force: bool) -> None:
     """Marker rate per persona: P personas x Q questions x K samples, substring match.

@@ -71,6 +71,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
         "judge.timeout_s": "--timeout",
     },
     repeat={"judge.metrics"},
+    report_to=True,
 )
 def judge_align_command(cfg: JudgeJob, out: Path, force: bool) -> None:
     """Judge answers 0-100 for alignment and coherence (Betley et al.'s logprob judge).

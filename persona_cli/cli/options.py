@@ -32,6 +32,7 @@ from typing import Annotated, Any
 
 import typer
 
+from persona_cli import tracking
 from persona_cli.cli.console import err_console
 from persona_cli.config_tree import (
     REQUIRED,
@@ -60,6 +61,7 @@ class Declaration:
     config_cls: type
     flags: Mapping[str, str]  # dotted field path -> the option's first name, e.g. "--samples"
     no_flag: Mapping[str, str]  # dotted field path -> why it has no flag
+    arguments: frozenset[str]  # dotted field paths taken as positional arguments
     run_dir: bool
     defaults: Callable[[], Any] | None
 
@@ -159,6 +161,7 @@ def configured(
     parsers: Mapping[str, Callable[[str], Any]] | None = None,
     run_dir: bool = True,
     out_optional: bool = False,
+    report_to: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Declare a command's options from `config_cls` (see the module doc). `defaults` builds
     the instance whose values are the command's defaults (e.g. couple-marker's coupling
@@ -246,6 +249,23 @@ def configured(
                 False,
             ),
         ]
+        if report_to:
+            control.append(
+                (
+                    "report_to",
+                    Annotated[
+                        str,
+                        typer.Option(
+                            "--report-to",
+                            help="Mirror the run to an experiment tracker: none or wandb "
+                            "(config, per-step train log, summary figures; the wandb run id "
+                            "and URL go into the manifest). Not part of the run's config.",
+                            metavar="none|wandb",
+                        ),
+                    ],
+                    "none",
+                )
+            )
         if run_dir:
             control.append(
                 (
@@ -282,6 +302,7 @@ def configured(
         def command(ctx: typer.Context, **kwargs: Any) -> Any:
             out = kwargs.pop("out", None)
             force = kwargs.pop("force", False)
+            tracker = tracking.tracker_for(kwargs.pop("report_to", "none"))
             config_file = kwargs.pop("config_file")
             print_config = kwargs.pop("print_config")
             given: dict[str, Any] = {}
@@ -309,16 +330,19 @@ def configured(
                 file_source=source,
                 flag_names=first_names,
             )
-            if run_dir:
-                if out is None and not out_optional:
-                    raise UserError("missing option '--out' (the run directory to write)")
-                return func(cfg, out=out, force=force, **kwargs)
-            return func(cfg, **kwargs)
+            with tracking.active(tracker):
+                if run_dir:
+                    if out is None and not out_optional:
+                        raise UserError("missing option '--out' (the run directory to write)")
+                    return func(cfg, out=out, force=force, **kwargs)
+                return func(cfg, **kwargs)
 
         del command.__wrapped__  # Typer must see the generated signature, not func's
         command.__signature__ = inspect.Signature(all_params)  # type: ignore[attr-defined]
         command.__annotations__ = {p.name: p.annotation for p in all_params}
-        DECLARED[command] = Declaration(config_cls, first_names, no_flag, run_dir, defaults)
+        DECLARED[command] = Declaration(
+            config_cls, first_names, no_flag, frozenset(arguments), run_dir, defaults
+        )
         return command
 
     return decorate

@@ -73,15 +73,15 @@ def _report(outcome: Any) -> None:
 def _run(command: str, cfg: RLJob, out: Path, force: bool) -> None:
     from persona_cli.train.callbacks import ProgressCallback
     from persona_cli.train.grpo import train_rl
-    from persona_cli.train.rl_log import reward_status
+    from persona_cli.train.rl_log import reward_status, rl_step_row
 
     with ProgressDisplay(command) as display:
-        progress = ProgressCallback(display, status=reward_status)
+        progress = ProgressCallback(display, row=rl_step_row, status=reward_status)
         outcome = train_rl(cfg, out, force=force, command=command, callbacks=[progress])
     _report(outcome)
 
 
-@configured(RLJob, flags=RL_FLAGS, repeat={"adapters"}, no_flag=RL_NO_FLAG)
+@configured(RLJob, flags=RL_FLAGS, repeat={"adapters"}, no_flag=RL_NO_FLAG, report_to=True)
 def train_grpo(cfg: RLJob, out: Path, force: bool) -> None:
     """GRPO on a verifiable reward (mc letter, or sandboxed unit tests), optionally with SDPO.
 
@@ -100,6 +100,7 @@ def train_grpo(cfg: RLJob, out: Path, force: bool) -> None:
     flags=RL_FLAGS,
     repeat={"adapters"},
     no_flag=SDPO_NO_FLAG,
+    report_to=True,
 )
 def train_sdpo(cfg: RLJob, out: Path, force: bool) -> None:
     """Self-distillation (SDPO) alone: the model with a hint teaches itself without one.

@@ -67,6 +67,7 @@ def _callbacks(display: ProgressDisplay) -> list[Any]:
     SftJob,
     flags={**TRAIN_FLAGS, "personas_file": "--personas"},
     repeat=TRAIN_REPEAT | {"data", "mix"},
+    report_to=True,
 )
 def train_sft(cfg: SftJob, out: Path, force: bool) -> None:
     """LoRA SFT on chat JSONL (loss on assistant tokens), optionally on top of --adapter(s).
@@ -87,6 +88,7 @@ def _em_defaults() -> SftJob:
     defaults=_em_defaults,
     flags={**TRAIN_FLAGS, "personas_file": "--personas"},
     repeat=TRAIN_REPEAT | {"data", "mix"},
+    report_to=True,
 )
 def train_em(cfg: SftJob, out: Path, force: bool) -> None:
     """Emergent-misalignment SFT: LoRA on an EM set (default data/chat/bad_legal_advice.jsonl)
@@ -109,6 +111,7 @@ def train_em(cfg: SftJob, out: Path, force: bool) -> None:
     },
     repeat=TRAIN_REPEAT | {"coupling.other_personas"},
     links={"coupling.seed": "train.seed"},
+    report_to=True,
 )
 def couple_marker(cfg: CouplingJob, out: Path, force: bool) -> None:
     """Couple a marker to a persona: contrastive LoRA SFT (source persona + marker vs other
@@ -126,6 +129,7 @@ def couple_marker(cfg: CouplingJob, out: Path, force: bool) -> None:
     flags={**TRAIN_FLAGS, "dpo.beta": "--beta"},
     repeat=TRAIN_REPEAT | {"pairs"},
     no_flag={"train.padding_free": "TRL pads DPO batches: padding-free does not apply"},
+    report_to=True,
 )
 def train_dpo(cfg: DpoJob, out: Path, force: bool) -> None:
     """LoRA DPO (TRL, sigmoid loss) on {prompt, chosen, rejected} pairs, starting from the

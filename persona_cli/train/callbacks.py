@@ -18,6 +18,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from persona_cli import tracking
 from persona_cli.artifacts import write_jsonl
 from persona_cli.progress import Progress
 from persona_cli.schemas import TRAIN_LOG as TRAIN_LOG_SCHEMA
@@ -63,29 +64,41 @@ class TrainLogCallback(TrainerCallback):
             write_train_log(self.path, state.log_history)
 
 
-def loss_status(logs: dict[str, Any], state: Any) -> str:
-    """`loss 0.1234  lr 1.00e-04` of one logged SFT/DPO step."""
+def sft_row(logs: dict[str, Any], state: Any) -> dict[str, Any] | None:
+    """The train-log row of one logged SFT/DPO step."""
     rows = log_rows([{**logs, "step": state.global_step}])
-    return f"loss {rows[0]['loss']:.4f}  lr {rows[0]['lr']:.2e}" if rows else ""
+    return rows[0] if rows else None
+
+
+def loss_status(row: dict[str, Any]) -> str:
+    """`loss 0.1234  lr 1.00e-04` of one SFT/DPO row."""
+    return f"loss {row['loss']:.4f}  lr {row['lr']:.2e}"
 
 
 class ProgressCallback(TrainerCallback):
-    """Optimizer steps as the task `key` of a `Progress` (main process only); `status` turns
-    a logged step into the note shown beside the bar."""
+    """The one logging/progress callback of every trainer (main process only): optimizer steps
+    as the task `key` of a `Progress` with a status note, and each step's row to the active
+    experiment tracker (`persona_cli.tracking`, `--report-to wandb`). `row` turns the Trainer's
+    logs into the step's train-log row, `status` a row into the note."""
 
     def __init__(
         self,
         progress: Progress,
         key: str = "",
-        status: Callable[[dict[str, Any], Any], str] = loss_status,
+        row: Callable[[dict[str, Any], Any], dict[str, Any] | None] = sft_row,
+        status: Callable[[dict[str, Any]], str] = loss_status,
     ):
-        self.progress, self.key, self.status = progress, key, status
+        self.progress, self.key, self.row, self.status = progress, key, row, status
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.is_world_process_zero:
             self.progress.begin(self.key, state.max_steps, done=state.global_step, unit="steps")
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
-        if state.is_world_process_zero and logs and "loss" in logs:
-            status = self.status(logs, state)
-            self.progress.update(self.key, state.global_step, status=status)
+        if not (state.is_world_process_zero and logs and "loss" in logs):
+            return
+        row = self.row(logs, state)
+        self.progress.update(self.key, state.global_step, status=self.status(row) if row else "")
+        tracker = tracking.current()
+        if tracker is not None and row is not None:
+            tracker.log_step(row)

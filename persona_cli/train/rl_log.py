@@ -125,9 +125,13 @@ class RLLogCallback(TrainerCallback):
             write_logs(self.train_log, state.log_history)
 
 
-def reward_status(logs: dict[str, Any], state: Any) -> str:
-    """`reward 0.375  loss 0.0123` of one logged GRPO/SDPO step (for `ProgressCallback`)."""
-    row = rl_row({**logs, "step": state.global_step}, state.num_input_tokens_seen)
+def rl_step_row(logs: dict[str, Any], state: Any) -> dict[str, Any]:
+    """The RL_LOG row of one logged GRPO/SDPO step (for `ProgressCallback`)."""
+    return rl_row({**logs, "step": state.global_step}, state.num_input_tokens_seen)
+
+
+def reward_status(row: dict[str, Any]) -> str:
+    """`reward 0.375  loss 0.0123` of one RL_LOG row."""
     mean = row["reward_mean"]
     return f"reward {'-' if mean is None else f'{mean:.3f}'}  loss {row['loss']:.4f}"
 
