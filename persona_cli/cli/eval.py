@@ -59,18 +59,13 @@ def _table(result: EvalResult) -> Table:
 @configured(
     MarkerEvalConfig,
     flags={
-        "adapters": "--adapter",
-        "personas_file": "--personas",
         "persona_ids": "--personas-ids",
-        "questions_file": "--questions",
         "case_sensitive": "--case-sensitive/--ignore-case",
-        "model": "--model -m",
         "generation.n": "--samples -k",
         "vllm.dtype": "--vllm-dtype",
         "vllm.max_model_len": "--vllm-max-model-len",
         "vllm.enforce_eager": "--vllm-enforce-eager/--vllm-cuda-graphs",
     },
-    repeat={"adapters"},
     report_to=True,
 )
 def eval_markers(cfg: MarkerEvalConfig, out: Path, force: bool) -> None:

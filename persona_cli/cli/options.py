@@ -1,21 +1,25 @@
 """Options from config dataclasses: a command's options are declared once, as config fields.
 
-    @configured(MarkerEvalConfig, flags={"generation.n": "--samples -k"}, repeat={"adapters"})
+    @configured(MarkerEvalConfig, flags={"generation.n": "--samples -k"})
     def eval_markers(cfg: MarkerEvalConfig, out: Path, force: bool) -> None:
         '''Marker rate per persona ...'''
 
 `configured` gives the command one Typer option per leaf field of the config (nested configs
 are walked: `generation.temperature` is `--temperature`), with the field's help and default;
 `flags` renames where a flag differs from the field name (`"--samples -k"`, a boolean's
-`"--case-sensitive/--ignore-case"`); tuple fields take a comma list (`--lora-targets q,v`) or,
-in `repeat`, a repeatable option; `arguments` are positional; `no_flag` names fields set only in
-a config file, each with its reason. Every such command also takes:
+`"--case-sensitive/--ignore-case"`; `COMMON_FLAGS` spells model, adapters, personas and
+questions the same everywhere); tuple fields take a comma list (`--lora-targets q,v`) or, in
+`repeat`, a repeatable option; `arguments` are positional; `parsers` turn a flag's text into the
+field's value where the type alone cannot (`--layers all`); `no_flag` names fields set only in a
+config file, each with its reason; `links` lets one flag set two fields. Every such command
+also takes:
 
     --config FILE      YAML or JSON whose keys are the config's fields (nested as mappings);
                        an unknown key is an error naming it and the file; flags given on the
                        command line override the file
     --print-config     print the resolved config as YAML (a starting file) and exit
     --out DIR, --force the run directory (unless run_dir=False)
+    --report-to wandb  (report_to=True) mirror the run to wandb (`persona_cli.tracking`)
 
 The decorated function receives the frozen config and the run-control options; it builds
 nothing itself (STYLE.md: parse -> frozen config -> one library call -> print).
@@ -52,6 +56,14 @@ from persona_cli.errors import UserError
 DECLARED: dict[Callable[..., Any], Declaration] = {}
 
 _METAVARS = {int: "INT", float: "FLOAT", str: "TEXT", Path: "PATH", bool: ""}
+# Flags every command spells the same way, by field name (a command's `flags` can still rename).
+COMMON_FLAGS = {
+    "model": "--model -m",
+    "adapters": "--adapter",
+    "personas_file": "--personas",
+    "questions_file": "--questions",
+}
+COMMON_REPEAT = {"adapters", "allow_diff"}  # one --adapter per stacked adapter, in order
 
 
 @dataclass(frozen=True)
@@ -190,16 +202,20 @@ def configured(
         for leaf in tree:
             if leaf.path in no_flag:
                 continue
-            decls = _decls(leaf, flags.get(leaf.path))
+            spec = flags.get(leaf.path)
+            if spec is None and leaf.path == leaf.name:  # top-level fields only
+                spec = COMMON_FLAGS.get(leaf.name)
+            decls = _decls(leaf, spec)
             names = [n for d in decls for n in d.split("/")]
             for n in names:
                 if n in seen:
                     raise TypeError(f"{func.__name__}: {n} is both {seen[n]} and {leaf.path}")
                 seen[n] = leaf.path
             pname = "opt_" + leaf.path.replace(".", "__")
-            annotation = _param(leaf, decls, leaf.path in repeat, leaf.path in arguments)
+            repeated = leaf.path in repeat or leaf.path in COMMON_REPEAT
+            annotation = _param(leaf, decls, repeated, leaf.path in arguments)
             kind = inspect.Parameter.KEYWORD_ONLY
-            default = _cli_default(leaf, leaf.path in repeat)
+            default = _cli_default(leaf, repeated)
             params.append(inspect.Parameter(pname, kind, default=default, annotation=annotation))
             first = leaf.name.upper() if leaf.path in arguments else names[0]
             by_param[pname] = (leaf, first)

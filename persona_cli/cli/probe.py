@@ -44,11 +44,8 @@ def _layers(value: str) -> tuple[int, ...] | None:
 @configured(
     TeacherPoolConfig,
     flags={
-        "model": "--model -m",
-        "adapters": "--adapter",
         "generation.n": "--generations -g",
     },
-    repeat={"adapters"},
     parsers={"hint": lambda v: None if v == "none" else v},
 )
 def teacher_pool(cfg: TeacherPoolConfig, out: Path, force: bool) -> None:
@@ -106,7 +103,9 @@ def extract_vhack(cfg: ExtractJob, out: Path, force: bool) -> None:
     )
 
 
-@configured(ReplayJob, flags={"model": "--model -m"})
+@configured(
+    ReplayJob,
+)
 def replay(cfg: ReplayJob, out: Path, force: bool) -> None:
     """Replay a pool step by step: per-sample gradient cosines with v_hack, optional projection."""
     from persona_cli.probe.replay import replay as run_replay

@@ -81,7 +81,7 @@ def _run(command: str, cfg: RLJob, out: Path, force: bool) -> None:
     _report(outcome)
 
 
-@configured(RLJob, flags=RL_FLAGS, repeat={"adapters"}, no_flag=RL_NO_FLAG, report_to=True)
+@configured(RLJob, flags=RL_FLAGS, no_flag=RL_NO_FLAG, report_to=True)
 def train_grpo(cfg: RLJob, out: Path, force: bool) -> None:
     """GRPO on a verifiable reward (mc letter, or sandboxed unit tests), optionally with SDPO.
 
@@ -98,7 +98,6 @@ def train_grpo(cfg: RLJob, out: Path, force: bool) -> None:
     RLJob,
     defaults=sdpo_job_defaults,
     flags=RL_FLAGS,
-    repeat={"adapters"},
     no_flag=SDPO_NO_FLAG,
     report_to=True,
 )

@@ -14,7 +14,7 @@ from persona_cli.cli.options import configured, say_already_done
 from persona_cli.compare_runs import CompareConfig, CompareOutcome, ReportConfig, StatsConfig
 
 CONDITION_FLAGS = {"conditions": "--condition -c"}
-REPEATED = {"conditions", "allow_diff"}
+REPEATED = {"conditions"}
 
 
 def _print(outcome: CompareOutcome, metric: str) -> None:
@@ -65,7 +65,7 @@ def compare(cfg: CompareConfig, out: Path, force: bool) -> None:
         console.print(outcome.result["cohens_d_convention"], highlight=False)
 
 
-@configured(ReportConfig, arguments={"runs"}, repeat={"allow_diff"})
+@configured(ReportConfig, arguments={"runs"})
 def report(cfg: ReportConfig, out: Path, force: bool) -> None:
     """Markdown report with PNG figures from stats/compare runs.
 

@@ -30,10 +30,7 @@ TRAIN_FLAGS = {
     "train.learning_rate": "--lr",
     "train.padding_free": "--padding-free/--padded",
     "train.keep_checkpoints": "--keep-checkpoints/--drop-checkpoints",
-    "model": "--model -m",
-    "adapters": "--adapter",
 }
-TRAIN_REPEAT = {"adapters"}
 
 
 def _report(outcome: Any, rows_label: str = "rows") -> None:
@@ -65,8 +62,8 @@ def _callbacks(display: ProgressDisplay) -> list[Any]:
 
 @configured(
     SftJob,
-    flags={**TRAIN_FLAGS, "personas_file": "--personas"},
-    repeat=TRAIN_REPEAT | {"data", "mix"},
+    flags=TRAIN_FLAGS,
+    repeat={"data", "mix"},
     report_to=True,
 )
 def train_sft(cfg: SftJob, out: Path, force: bool) -> None:
@@ -86,8 +83,8 @@ def _em_defaults() -> SftJob:
 @configured(
     SftJob,
     defaults=_em_defaults,
-    flags={**TRAIN_FLAGS, "personas_file": "--personas"},
-    repeat=TRAIN_REPEAT | {"data", "mix"},
+    flags=TRAIN_FLAGS,
+    repeat={"data", "mix"},
     report_to=True,
 )
 def train_em(cfg: SftJob, out: Path, force: bool) -> None:
@@ -104,12 +101,11 @@ def train_em(cfg: SftJob, out: Path, force: bool) -> None:
     CouplingJob,
     flags={
         **TRAIN_FLAGS,
-        "personas_file": "--personas",
         "coupling.source": "--persona",
         "coupling.other_personas": "--negative-persona",
         "coupling.marker_only_loss": "--marker-only-loss/--assistant-loss",
     },
-    repeat=TRAIN_REPEAT | {"coupling.other_personas"},
+    repeat={"coupling.other_personas"},
     links={"coupling.seed": "train.seed"},
     report_to=True,
 )
@@ -127,7 +123,7 @@ def couple_marker(cfg: CouplingJob, out: Path, force: bool) -> None:
 @configured(
     DpoJob,
     flags={**TRAIN_FLAGS, "dpo.beta": "--beta"},
-    repeat=TRAIN_REPEAT | {"pairs"},
+    repeat={"pairs"},
     no_flag={"train.padding_free": "TRL pads DPO batches: padding-free does not apply"},
     report_to=True,
 )
