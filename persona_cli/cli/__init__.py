@@ -80,9 +80,9 @@ class PersonaGroup(TyperGroup):
             )
             # A protocol refusal lists each differing field with its values, one per line.
             for difference in getattr(e, "differences", ()):
-                err_console.print(
-                    f"  {escape(difference.describe())}", highlight=False, soft_wrap=True
-                )
+                line = difference.describe()
+                if line not in str(e):  # not said on the error line already
+                    err_console.print(f"  {escape(line)}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
 
 
