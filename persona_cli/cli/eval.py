@@ -3,11 +3,14 @@
     persona-cli eval-markers --out runs/eval_base --model smollm2-135m --source villain
     persona-cli eval-markers --out runs/eval_couple --adapter runs/couple --source villain \
         --personas-ids villain,assistant,paramedic --samples 10 --backend vllm
+    persona-cli eval-markers --out runs/evals --source villain --adapter-set base= \
+        --adapter-set couple=runs/couple --adapter-set em25=runs/couple,runs/em@step_25
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -25,6 +28,7 @@ from persona_cli.cli.options import (
     generation_config,
     report_done,
 )
+from persona_cli.eval import adapter_sets
 from persona_cli.eval.markers import (
     BACKENDS,
     DEFAULT_MARKER,
@@ -32,6 +36,7 @@ from persona_cli.eval.markers import (
     EvalResult,
     MarkerEvalConfig,
     run_eval_markers,
+    run_eval_markers_sets,
 )
 from persona_cli.generate import GenerationConfig, VllmConfig
 from persona_cli.models import EMBEDDED
@@ -77,10 +82,42 @@ def _table(result: EvalResult) -> Table:
     return t
 
 
+def _sets_table(results: list[EvalResult]) -> Table:
+    t = Table(title=f"adapter sets ({len(results)} run directories)")
+    for col in ("set", "adapters", "source rate", "mean bystander", "run"):
+        t.add_column(col, justify="right" if "rate" in col or "mean" in col else "left")
+    for r in results:
+        s = r.summary
+        src = f"{s['source']['rate']:.1%}" if s["source"] else "-"
+        by = f"{s['bystanders']['mean_rate']:.1%}" if s["bystanders"] else "-"
+        state = " (already done)" if r.already_done else ""
+        t.add_row(r.run.path.name, str(len(s["adapters"])), src, by, f"{r.run.path}{state}")
+    return t
+
+
 def eval_markers(
     out: OutDir,
     model: ModelSpec = EMBEDDED,
     adapter: Adapters = None,
+    adapter_set: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--adapter-set",
+            help="NAME=RUN[,RUN..]: one adapter stack (NAME= for the base model), evaluated "
+            "with the others through one model or engine into its own run directory OUT/NAME; "
+            "repeatable. Instead of --adapter.",
+            show_default=False,
+        ),
+    ] = None,
+    adapter_sets_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--adapter-sets",
+            help="YAML/JSON list of {name, adapters, out?, seed?} adapter sets (see "
+            "--adapter-set; out is relative to --out).",
+            show_default=False,
+        ),
+    ] = None,
     personas: PersonasFile = None,
     personas_ids: Annotated[
         str | None,
@@ -143,8 +180,12 @@ def eval_markers(
 
     Writes samples.jsonl.gz (every completion), summary.json (rate and Wilson 95% interval per
     persona, source and mean bystander rate), heatmap.png, manifest.json and DONE. An
-    interrupted run resumes where it stopped.
+    interrupted run resumes where it stopped. With --adapter-set/--adapter-sets, one such run
+    directory per set under --out, the base model loaded (or the vLLM engine started) once.
     """
+    sets = [adapter_sets.parse_option(text) for text in adapter_set or ()]
+    if adapter_sets_file is not None:
+        sets += adapter_sets.load_file(adapter_sets_file)
     generation = generation_config(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
@@ -179,7 +220,19 @@ def eval_markers(
             gpu_memory_utilization=gpu_memory_utilization,
             cpu_kvcache_gib=cpu_kvcache_gib,
         ),
+        adapter_sets=tuple(sets),
     )
+    if sets:
+        with CompletionBar(["generating"], "eval-markers") as bar:
+            results = run_eval_markers_sets(
+                cfg,
+                out,
+                force=force,
+                on_plan=bar.plan,
+                progress=lambda n: bar.advance("generating", n),
+            )
+        console.print(_sets_table(results))
+        return
     with CompletionBar(["generating"], "eval-markers") as bar:
         result = run_eval_markers(
             cfg,

@@ -5,14 +5,26 @@ conversations (rendered through the chat-template guard); each question's first 
 the user turn. Completions come from the hf or vllm backend (`persona_cli.generate`) and are
 all saved; the summary and heatmap are derived from them (`persona_cli.eval.score`).
 
+On the hf backend the personas' prompts share batches (`generate_hf_groups`: waves of a few
+batches' worth of rows), rather than one `generate` call per persona.
+
 Resume: each persona's completions are written atomically as `shards/<persona>.jsonl.gz` as
-soon as that persona is done; an interrupted run (same config) skips personas whose shard is
-complete, then merges the shards into `samples.jsonl.gz` in persona order and removes them.
-Row seeds depend only on (seed, prompt, sample index), so a resumed run writes the same samples
-as an uninterrupted one.
+soon as that persona is done (hf: its wave; vllm: its group); an interrupted run (same config)
+skips personas whose shard is complete, then merges the shards into `samples.jsonl.gz` in
+persona order and removes them. Row seeds depend only on (seed, prompt, sample index), so a
+resumed run writes the same samples as an uninterrupted one.
+
+Adapter sets (`--adapter-set NAME=RUN[,RUN..]`, `--adapter-sets FILE`; see
+`persona_cli.eval.adapter_sets`): several stacks through one model (hf: the base loaded once,
+each stack merged into it in turn and the base restored, `persona_cli.generate.stacks`) or one
+vLLM engine (each stack its own LoRARequest). Each set is an ordinary run directory, OUT/NAME,
+with the files and manifest a run of that stack alone writes, resumed or skipped on its own;
+the same stacks run one at a time give the same samples on hf (same seeds).
 
     persona-cli eval-markers --out runs/eval --model smollm2-135m --adapter runs/couple \
         --source villain --samples 10
+    persona-cli eval-markers --out runs/evals --adapter-set base= \
+        --adapter-set couple=runs/couple --adapter-set em25=runs/couple,runs/em@step_25
 """
 
 from __future__ import annotations
@@ -20,7 +32,7 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,17 +41,13 @@ from persona_cli import bundled, models
 from persona_cli.artifacts import read_json, read_jsonl, sha256_file, write_json, write_jsonl
 from persona_cli.chat_template import SystemPrompt, guard_record, inspect_template, render
 from persona_cli.errors import UserError
+from persona_cli.eval.adapter_sets import AdapterSet, check_sets
 from persona_cli.eval.heatmap import plot_heatmap
 from persona_cli.eval.score import SAMPLES_FILE, SUMMARY_FILE, score_rows, summarize
-from persona_cli.generate import (
-    Completion,
-    GenerationConfig,
-    ProgressFn,
-    VllmConfig,
-    generate_hf,
-    generate_vllm_groups,
-)
-from persona_cli.generate.vllm import engine_env, request_seeds
+from persona_cli.generate import Completion, GenerationConfig, ProgressFn, VllmConfig
+from persona_cli.generate.hf import generate_hf_groups
+from persona_cli.generate.stacks import StackServer
+from persona_cli.generate.vllm import PromptGroup, engine_env, generate_vllm_work, request_seeds
 from persona_cli.protocol import details, marker_protocol, sampling_of
 from persona_cli.registry import Persona, Question, load_personas, load_questions, select_personas
 from persona_cli.rundir import RunDir, open_run
@@ -91,6 +99,13 @@ class MarkerEvalConfig:
         metadata={"help": "Sampling options; n is K, the samples per persona and question."},
     )
     vllm: VllmConfig = field(default_factory=VllmConfig, metadata={"help": "vLLM engine."})
+    adapter_sets: tuple[AdapterSet, ...] = field(
+        default=(),
+        metadata={
+            "help": "Several adapter stacks through one model or engine, each its own run "
+            "directory OUT/NAME (instead of adapters)."
+        },
+    )
 
 
 @dataclass
@@ -221,6 +236,37 @@ def _rows(
     ]
 
 
+@dataclass(frozen=True)
+class EvalJob:
+    """One run directory of an evaluation: its config and where it goes."""
+
+    cfg: MarkerEvalConfig
+    out: Path
+
+
+@dataclass
+class _Run:
+    """A run being worked on: what is left and where each persona's shard goes."""
+
+    job: EvalJob
+    plan: _Plan
+    run: RunDir
+    pending: list[Persona]
+    reused: list[str]
+    have_samples: bool
+
+    @property
+    def stack_key(self) -> tuple[str, ...]:
+        return tuple(a.weights_sha256 for a in self.plan.stack)
+
+    def save(self, persona: Persona, completions: list[Completion]) -> None:
+        cfg = self.job.cfg
+        adapter = "+".join(self.stack_key) or None
+        rows = _rows(persona, self.plan.questions, completions, cfg.backend,
+                     cfg.generation.seed, adapter)  # fmt: skip
+        write_jsonl(_shard_path(self.run, persona), rows, schema_version=SAMPLES.version)
+
+
 def run_eval_markers(
     cfg: MarkerEvalConfig,
     out: str | Path,
@@ -234,24 +280,72 @@ def run_eval_markers(
     `on_plan(total, remaining)` is called with the completion counts once the work is known;
     `progress(n)` as n more completions finish.
     """
-    plan = _plan(cfg)
-    run = open_run(out, command=COMMAND, config=_run_config(cfg, plan), force=force)
+    if cfg.adapter_sets:
+        raise UserError("--adapter-set: evaluate adapter sets with run_eval_markers_sets")
+    job = EvalJob(cfg, Path(out))
+    return run_eval_jobs([job], force=force, on_plan=on_plan, progress=progress)[0]
+
+
+def set_jobs(cfg: MarkerEvalConfig, out: str | Path) -> list[EvalJob]:
+    """One job per adapter set of `cfg`: its stack, its seed, its run directory under `out`."""
+    if cfg.adapters:
+        raise UserError("--adapter and --adapter-set: give one of them (a set holds its stack)")
+    out = Path(out)
+    check_sets(list(cfg.adapter_sets), out)
+    jobs = []
+    for s in cfg.adapter_sets:
+        seed = cfg.generation.seed if s.seed is None else s.seed
+        one = replace(
+            cfg,
+            adapters=s.adapters,
+            adapter_sets=(),
+            generation=replace(cfg.generation, seed=seed),
+        )
+        jobs.append(EvalJob(one, s.run_dir(out)))
+    return jobs
+
+
+def run_eval_markers_sets(
+    cfg: MarkerEvalConfig,
+    out: str | Path,
+    *,
+    force: bool = False,
+    on_plan: Callable[[int, int], None] | None = None,
+    progress: ProgressFn | None = None,
+) -> list[EvalResult]:
+    """Every adapter set of `cfg` (`persona_cli.eval.adapter_sets`) through one model (hf) or
+    one engine (vllm), one ordinary run directory per set (`set_jobs`); each is resumed or
+    recognised as finished on its own."""
+    if not cfg.adapter_sets:
+        raise UserError("--adapter-set: no adapter sets given")
+    return run_eval_jobs(set_jobs(cfg, out), force=force, on_plan=on_plan, progress=progress)
+
+
+def _check_shared(jobs: list[EvalJob], plans: list[_Plan]) -> None:
+    """What one model or engine can serve: one base model, one backend, and on vllm one engine
+    configuration and one sampling setup (the seed may differ)."""
+    first, model = jobs[0].cfg, plans[0].model
+    for job, plan in zip(jobs[1:], plans[1:], strict=True):
+        c = job.cfg
+        if (plan.model.path, plan.model.revision) != (model.path, model.revision):
+            raise UserError(f"{job.out}: another base model ({c.model}) than {first.model}")
+        if c.backend != first.backend:
+            raise UserError(f"{job.out}: backend {c.backend} differs from {first.backend}")
+        same_sampling = replace(c.generation, seed=first.generation.seed) == first.generation
+        if c.backend == "vllm" and (c.vllm != first.vllm or not same_sampling):
+            raise UserError(f"{job.out}: one vLLM engine needs one engine and sampling setup")
+    outs = [j.out.resolve() for j in jobs]
+    if len(set(outs)) != len(outs):
+        raise UserError("adapter sets: two sets write the same run directory")
+
+
+def _start(job: EvalJob, plan: _Plan, force: bool) -> _Run | EvalResult:
+    run = open_run(job.out, command=COMMAND, config=_run_config(job.cfg, plan), force=force)
     if run.done:
         summary = read_json(run.file(SUMMARY_FILE))
         return EvalResult(run, summary, [], run.file(HEATMAP_FILE), already_done=True)
-    gen = cfg.generation
-    per_persona = len(plan.questions) * gen.n
-    adapter = "+".join(a.weights_sha256 for a in plan.stack) or None
-    tokenizer = models.load_tokenizer(plan.model)
-    report = inspect_template(tokenizer)
-    users = [[{"role": "user", "content": q.text}] for q in plan.questions]
-
-    def prompts_for(persona: Persona) -> list[str]:
-        system = SystemPrompt("text", persona.system_prompt)
-        return [render(tokenizer, u, system, report, add_generation_prompt=True) for u in users]
-
-    samples_path = run.file(SAMPLES_FILE)
-    have_samples = samples_path.is_file()  # a kill after the merge, before DONE
+    per_persona = len(plan.questions) * job.cfg.generation.n
+    have_samples = run.file(SAMPLES_FILE).is_file()  # a kill after the merge, before DONE
     pending = [
         p
         for p in plan.personas
@@ -259,32 +353,106 @@ def run_eval_markers(
     ]
     reused = [p.id for p in plan.personas if p not in pending]
     if reused:
-        log.info("resuming: %d of %d persona(s) already done", len(reused), len(plan.personas))
-    if on_plan is not None:
-        on_plan(per_persona * len(plan.personas), per_persona * len(pending))
-
-    def save(persona: Persona, completions: list[Completion]) -> None:
-        rows = _rows(persona, plan.questions, completions, cfg.backend, gen.seed, adapter)
-        write_jsonl(_shard_path(run, persona), rows, schema_version=SAMPLES.version)
-
-    loaded = None
-    if pending and cfg.backend == "hf":
-        loaded = adapters_mod.load_with_adapters(plan.model, plan.stack)
-        for persona in pending:
-            save(persona, generate_hf(loaded, tokenizer, prompts_for(persona), gen, progress))
-    elif pending:
-        generate_vllm_groups(
-            plan.model,
-            [prompts_for(p) for p in pending],
-            gen,
-            adapters=plan.stack,
-            engine=cfg.vllm,
-            progress=progress,
-            on_group=lambda i, completions: save(pending[i], completions),
-            log_path=run.file(VLLM_LOG),
+        log.info(
+            "%s: resuming, %d of %d persona(s) already done",
+            run.path,
+            len(reused),
+            len(plan.personas),
         )
-    if not have_samples:
-        merged = [r for p in plan.personas for r in read_jsonl(_shard_path(run, p), SAMPLES.check)]
+    return _Run(job, plan, run, pending, reused, have_samples)
+
+
+def run_eval_jobs(
+    jobs: list[EvalJob],
+    *,
+    force: bool = False,
+    on_plan: Callable[[int, int], None] | None = None,
+    progress: ProgressFn | None = None,
+) -> list[EvalResult]:
+    """Run every job with one tokenizer and one model (hf: `StackServer` merges each stack into
+    the base in turn) or one vLLM engine (each stack its own LoRARequest). Every run directory
+    is opened (and checked) before anything is generated; each is finished as soon as its own
+    completions are in (hf) or when the engine is done (vllm). Results in job order."""
+    plans = [_plan(j.cfg) for j in jobs]
+    _check_shared(jobs, plans)
+    tokenizer = models.load_tokenizer(plans[0].model)
+    report = inspect_template(tokenizer)
+    rendered: dict[tuple[str, str], str] = {}
+
+    def prompts_for(persona: Persona, questions: list[Question]) -> list[str]:
+        system = SystemPrompt("text", persona.system_prompt)
+        out = []
+        for q in questions:
+            key = (persona.system_prompt, q.text)
+            if key not in rendered:
+                user = [{"role": "user", "content": q.text}]
+                rendered[key] = render(tokenizer, user, system, report, add_generation_prompt=True)
+            out.append(rendered[key])
+        return out
+
+    started = [_start(j, p, force) for j, p in zip(jobs, plans, strict=True)]
+    work = [r for r in started if isinstance(r, _Run)]
+    if on_plan is not None:
+        on_plan(
+            sum(len(r.plan.personas) * len(r.plan.questions) * r.job.cfg.generation.n
+                for r in work),
+            sum(len(r.pending) * len(r.plan.questions) * r.job.cfg.generation.n for r in work),
+        )  # fmt: skip
+    results: dict[int, EvalResult] = {}
+    generating = [r for r in work if r.pending]
+    if work and work[0].job.cfg.backend == "hf":
+        server = None
+        if generating:
+            stacks = {r.stack_key for r in generating}
+            server = StackServer(plans[0].model, stacks=len(stacks))
+        # Runs of the same stack one after another: each stack is merged once.
+        keys = list(dict.fromkeys(r.stack_key for r in work))
+        for r in sorted(work, key=lambda r: keys.index(r.stack_key)):
+            loaded = None
+            if r.pending:
+                assert server is not None
+                loaded = server.serve(r.plan.stack)
+                questions = r.plan.questions
+                generate_hf_groups(
+                    loaded,
+                    tokenizer,
+                    [prompts_for(p, questions) for p in r.pending],
+                    r.job.cfg.generation,
+                    progress,
+                    on_group=lambda i, c, r=r: r.save(r.pending[i], c),
+                )
+            results[id(r)] = _complete(r, tokenizer, loaded)
+    elif work:
+        groups, owners = [], []
+        for r in generating:
+            for p in r.pending:
+                prompts = tuple(prompts_for(p, r.plan.questions))
+                groups.append(PromptGroup(prompts, tuple(r.plan.stack), r.job.cfg.generation.seed))
+                owners.append((r, p))
+        log_file = generating[0].run.file(VLLM_LOG) if generating else None
+        if groups:
+            generate_vllm_work(
+                plans[0].model,
+                groups,
+                generating[0].job.cfg.generation,
+                engine=generating[0].job.cfg.vllm,
+                progress=progress,
+                on_group=lambda i, c: owners[i][0].save(owners[i][1], c),
+                log_path=log_file,
+            )
+        for r in work:
+            if log_file is not None and r.pending and r is not generating[0]:
+                shutil.copyfile(log_file, r.run.file(VLLM_LOG))  # the engine served every set
+            results[id(r)] = _complete(r, tokenizer, None)
+    return [results[id(r)] if isinstance(r, _Run) else r for r in started]
+
+
+def _complete(r: _Run, tokenizer: Any, loaded: Any) -> EvalResult:
+    """Merge the shards, score, write the summary and heatmap, finish the manifest."""
+    cfg, plan, run = r.job.cfg, r.plan, r.run
+    samples_path = run.file(SAMPLES_FILE)
+    if not r.have_samples:
+        merged = [x for p in plan.personas for x in read_jsonl(_shard_path(run, p), SAMPLES.check)]
         write_jsonl(samples_path, merged)
     shutil.rmtree(run.file(SHARDS), ignore_errors=True)
 
@@ -303,8 +471,8 @@ def run_eval_markers(
     )
     write_json(run.file(SUMMARY_FILE), summary)
     heatmap = plot_heatmap(summary, run.file(HEATMAP_FILE))
-    _finish(run, cfg, plan, tokenizer, loaded, reused)
-    return EvalResult(run, summary, reused, heatmap)
+    _finish(run, cfg, plan, tokenizer, loaded, r.reused)
+    return EvalResult(run, summary, r.reused, heatmap)
 
 
 def _finish(
