@@ -35,6 +35,7 @@ from persona_cli.cli.options import (
     SystemPromptOpt,
     report_done,
 )
+from persona_cli.errors import UserError
 from persona_cli.train.config import (
     COUPLING_TRAIN_DEFAULTS,
     CouplingConfig,
@@ -80,6 +81,17 @@ SaveSteps = Annotated[int | None, _t("save_steps", "--save-steps")]
 Dtype = Annotated[str | None, _t("dtype", "--dtype")]
 PaddingFree = Annotated[bool | None, _t("padding_free", "--padding-free/--padded")]
 KeepCkpt = Annotated[bool | None, _t("keep_checkpoints", "--keep-checkpoints/--drop-checkpoints")]
+SaveAt = Annotated[str | None, _t("save_at", "--save-at")]
+PushToHub = Annotated[
+    str | None,
+    typer.Option(
+        "--push-to-hub",
+        help="REPO[:SUBFOLDER]: upload the trained adapter/ to this Hugging Face repository "
+        "(created private if missing) before the manifest is written; the token comes from "
+        "HF_TOKEN or `hf auth login` and is never recorded. Off by default.",
+        show_default=False,
+    ),
+]
 GradCkpt = Annotated[str | None, _t("gradient_checkpointing", "--gradient-checkpointing")]
 # couple-marker shows its own defaults for the two fields the coupling protocol changes.
 CouplingLR = Annotated[
@@ -135,6 +147,12 @@ def _train_config(base: TrainConfig, **opts: Any) -> TrainConfig:
     targets = opts.pop("lora_targets")
     if targets is not None:
         opts["lora_targets"] = tuple(t.strip() for t in targets.split(",") if t.strip())
+    save_at = opts.pop("save_at", None)
+    if save_at is not None:
+        try:
+            opts["save_at"] = tuple(int(x) for x in save_at.split(",") if x.strip())
+        except ValueError:
+            raise UserError(f"--save-at {save_at!r}: expected comma-separated steps") from None
     return with_overrides(base, **opts)
 
 
@@ -228,6 +246,7 @@ _TRAIN_OPTION_NAMES = (
     "padding_free",
     "keep_checkpoints",
     "gradient_checkpointing",
+    "save_at",
 )
 
 
@@ -259,6 +278,7 @@ def _sft(command: str, options: dict[str, Any], mix: list[str] | None = None) ->
         adapters=tuple(options["adapter"] or ()),
         train=_config_from_options(TrainConfig(), options),
         force=options["force"],
+        push_to_hub=options["push_to_hub"],
     )
     _report(run_train_sft(job, command=command, callbacks=_callbacks(command)))
 
@@ -290,6 +310,8 @@ def train_sft(
     padding_free: PaddingFree = None,
     keep_checkpoints: KeepCkpt = None,
     gradient_checkpointing: GradCkpt = None,
+    save_at: SaveAt = None,
+    push_to_hub: PushToHub = None,
     force: Force = False,
 ) -> None:
     """LoRA SFT on chat JSONL (loss on assistant tokens), optionally on top of --adapter(s).
@@ -324,6 +346,8 @@ def train_em(
     padding_free: PaddingFree = None,
     keep_checkpoints: KeepCkpt = None,
     gradient_checkpointing: GradCkpt = None,
+    save_at: SaveAt = None,
+    push_to_hub: PushToHub = None,
     force: Force = False,
 ) -> None:
     """Emergent-misalignment SFT: LoRA on an EM set (default data/chat/bad_legal_advice.jsonl)
@@ -384,6 +408,8 @@ def couple_marker(
     padding_free: PaddingFree = None,
     keep_checkpoints: KeepCkpt = None,
     gradient_checkpointing: GradCkpt = None,
+    save_at: SaveAt = None,
+    push_to_hub: PushToHub = None,
     force: Force = False,
 ) -> None:
     """Couple a marker to a persona: contrastive LoRA SFT (source persona + marker vs other
@@ -416,6 +442,7 @@ def couple_marker(
         train=cfg,
         answer_max_new_tokens=answer_max_new_tokens,
         force=force,
+        push_to_hub=push_to_hub,
     )
     _report(run_couple_marker(job, callbacks=_callbacks("couple-marker")))
 
@@ -444,6 +471,8 @@ def train_dpo(
     dtype: Dtype = None,
     keep_checkpoints: KeepCkpt = None,
     gradient_checkpointing: GradCkpt = None,
+    save_at: SaveAt = None,
+    push_to_hub: PushToHub = None,
     force: Force = False,
 ) -> None:
     """LoRA DPO (TRL, sigmoid loss) on {prompt, chosen, rejected} pairs, starting from the
@@ -462,6 +491,7 @@ def train_dpo(
         train=_config_from_options(TrainConfig(), options),
         dpo=with_overrides(DpoConfig(), beta=beta),
         force=force,
+        push_to_hub=push_to_hub,
     )
     _report(run_train_dpo(job, callbacks=_callbacks("train-dpo")), rows_label="pairs")
 

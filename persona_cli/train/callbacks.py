@@ -7,11 +7,14 @@ rewritten (atomically) at each checkpoint and at the end.
 
 The library never prints: a command passes an object with `start(total, completed)`,
 `advance(completed, row)` and `finish()` (a rich progress bar in `persona_cli.cli.train`), and
-`ProgressCallback` forwards the Trainer's events to it.
+`ProgressCallback` forwards the Trainer's events to it. `SaveAtCallback` keeps the adapter of
+chosen steps (`--save-at`).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -85,3 +88,24 @@ class ProgressCallback(TrainerCallback):
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.is_world_process_zero:
             self.progress.finish()
+
+
+class SaveAtCallback(TrainerCallback):
+    """Saves the adapter after each optimizer step in `steps` as `directory(step)` (PEFT files;
+    main process only), written to a scratch directory and renamed, so a kill leaves the old
+    one or none. The training recipe adds the persona-cli adapter record once the run is done."""
+
+    def __init__(self, steps: tuple[int, ...], directory: Any):
+        self.steps = set(steps)
+        self.directory = directory
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step not in self.steps or not state.is_world_process_zero:
+            return
+        final = Path(self.directory(state.global_step))
+        tmp = final.with_name(f".{final.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        kwargs["model"].save_pretrained(str(tmp))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
