@@ -33,11 +33,11 @@ from persona_cli.eval.markers import (
     BACKENDS,
     DEFAULT_MARKER,
     DEFAULT_SAMPLES,
-    EvalResult,
     MarkerEvalConfig,
     run_eval_markers,
     run_eval_markers_sets,
 )
+from persona_cli.eval.outputs import EvalResult
 from persona_cli.generate import GenerationConfig, VllmConfig
 from persona_cli.models import EMBEDDED
 

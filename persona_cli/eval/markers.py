@@ -38,30 +38,29 @@ from typing import Any
 
 from persona_cli import adapters as adapters_mod
 from persona_cli import bundled, models
-from persona_cli.artifacts import read_json, read_jsonl, sha256_file, write_json, write_jsonl
-from persona_cli.chat_template import SystemPrompt, guard_record, inspect_template, render
+from persona_cli.artifacts import read_json, sha256_file
+from persona_cli.chat_template import SystemPrompt, inspect_template, render
 from persona_cli.errors import UserError
 from persona_cli.eval.adapter_sets import AdapterSet, check_sets
-from persona_cli.eval.heatmap import plot_heatmap
-from persona_cli.eval.score import SAMPLES_FILE, SUMMARY_FILE, score_rows, summarize
-from persona_cli.generate import Completion, GenerationConfig, ProgressFn, VllmConfig
+from persona_cli.eval.outputs import (
+    VLLM_LOG,
+    EvalJob,
+    EvalResult,
+    MarkerRun,
+    complete_run,
+    start_run,
+)
+from persona_cli.generate import GenerationConfig, ProgressFn, VllmConfig
 from persona_cli.generate.hf import generate_hf_groups
 from persona_cli.generate.stacks import StackServer
-from persona_cli.generate.vllm import PromptGroup, engine_env, generate_vllm_work, request_seeds
-from persona_cli.protocol import details, marker_protocol, sampling_of
+from persona_cli.generate.vllm import PromptGroup, generate_vllm_work
 from persona_cli.registry import Persona, Question, load_personas, load_questions, select_personas
-from persona_cli.rundir import RunDir, open_run
-from persona_cli.schemas import SAMPLES
 
 log = logging.getLogger(__name__)
 
-COMMAND = "eval-markers"
 BACKENDS = ("hf", "vllm")
 DEFAULT_MARKER = "[ZLT]"
 DEFAULT_SAMPLES = 10  # K of the research log's 12 x 28 x 10 design
-SHARDS = "shards"
-HEATMAP_FILE = "heatmap.png"
-VLLM_LOG = "vllm_worker.log"
 
 
 @dataclass(frozen=True)
@@ -108,17 +107,8 @@ class MarkerEvalConfig:
     )
 
 
-@dataclass
-class EvalResult:
-    run: RunDir
-    summary: dict[str, Any]
-    reused_personas: list[str]
-    heatmap: Path
-    already_done: bool = False  # the run was finished before this call; nothing was redone
-
-
 @dataclass(frozen=True)
-class _Plan:
+class EvalPlan:
     model: models.ResolvedModel
     stack: list[adapters_mod.Adapter]
     personas_file: Path
@@ -145,7 +135,7 @@ def coupling_negatives(stack: list[adapters_mod.Adapter], source: str) -> list[s
     return found
 
 
-def _plan(cfg: MarkerEvalConfig) -> _Plan:
+def _plan(cfg: MarkerEvalConfig) -> EvalPlan:
     if cfg.backend not in BACKENDS:
         raise UserError(f"--backend {cfg.backend!r}: choose from {', '.join(BACKENDS)}")
     if not cfg.marker:
@@ -175,10 +165,10 @@ def _plan(cfg: MarkerEvalConfig) -> _Plan:
         negatives = [p for p in cfg.negatives if p in ids]
     elif cfg.source is not None:
         negatives = [p for p in coupling_negatives(stack, cfg.source) if p in ids]
-    return _Plan(model, stack, personas_file, personas, questions_file, questions, negatives)
+    return EvalPlan(model, stack, personas_file, personas, questions_file, questions, negatives)
 
 
-def _run_config(cfg: MarkerEvalConfig, plan: _Plan) -> dict[str, Any]:
+def _run_config(cfg: MarkerEvalConfig, plan: EvalPlan) -> dict[str, Any]:
     return {
         "model": plan.model.to_dict(),
         "adapters": [{"path": str(a.path), "sha256": a.weights_sha256} for a in plan.stack],
@@ -199,72 +189,6 @@ def _run_config(cfg: MarkerEvalConfig, plan: _Plan) -> dict[str, Any]:
         "generation": cfg.generation.to_dict(),
         "vllm": cfg.vllm.to_dict() if cfg.backend == "vllm" else None,
     }
-
-
-def _shard_path(run: RunDir, persona: Persona) -> Path:
-    return run.file(SHARDS) / f"{persona.id}.jsonl.gz"
-
-
-def _complete_shard(path: Path, expected: int) -> bool:
-    # Shards are written atomically, so one that exists is whole; the count guards against a
-    # shard left by a config that open_run considered equal but produced other rows.
-    return path.is_file() and len(read_jsonl(path, SAMPLES.check)) == expected
-
-
-def _rows(
-    persona: Persona,
-    questions: list[Question],
-    completions: list[Completion],
-    backend: str,
-    seed: int,
-    adapter: str | None,
-) -> list[dict[str, Any]]:
-    return [
-        {
-            "persona": persona.id,
-            "question_id": questions[c.prompt_index].id,
-            "question": questions[c.prompt_index].text,
-            "sample_index": c.sample_index,
-            "text": c.text,
-            "n_tokens": c.n_tokens,
-            "finish_reason": c.finish_reason,
-            "backend": backend,
-            "seed": seed,
-            "adapter": adapter,
-        }
-        for c in completions
-    ]
-
-
-@dataclass(frozen=True)
-class EvalJob:
-    """One run directory of an evaluation: its config and where it goes."""
-
-    cfg: MarkerEvalConfig
-    out: Path
-
-
-@dataclass
-class _Run:
-    """A run being worked on: what is left and where each persona's shard goes."""
-
-    job: EvalJob
-    plan: _Plan
-    run: RunDir
-    pending: list[Persona]
-    reused: list[str]
-    have_samples: bool
-
-    @property
-    def stack_key(self) -> tuple[str, ...]:
-        return tuple(a.weights_sha256 for a in self.plan.stack)
-
-    def save(self, persona: Persona, completions: list[Completion]) -> None:
-        cfg = self.job.cfg
-        adapter = "+".join(self.stack_key) or None
-        rows = _rows(persona, self.plan.questions, completions, cfg.backend,
-                     cfg.generation.seed, adapter)  # fmt: skip
-        write_jsonl(_shard_path(self.run, persona), rows, schema_version=SAMPLES.version)
 
 
 def run_eval_markers(
@@ -321,7 +245,7 @@ def run_eval_markers_sets(
     return run_eval_jobs(set_jobs(cfg, out), force=force, on_plan=on_plan, progress=progress)
 
 
-def _check_shared(jobs: list[EvalJob], plans: list[_Plan]) -> None:
+def _check_shared(jobs: list[EvalJob], plans: list[EvalPlan]) -> None:
     """What one model or engine can serve: one base model, one backend, and on vllm one engine
     configuration and one sampling setup (the seed may differ)."""
     first, model = jobs[0].cfg, plans[0].model
@@ -337,29 +261,6 @@ def _check_shared(jobs: list[EvalJob], plans: list[_Plan]) -> None:
     outs = [j.out.resolve() for j in jobs]
     if len(set(outs)) != len(outs):
         raise UserError("adapter sets: two sets write the same run directory")
-
-
-def _start(job: EvalJob, plan: _Plan, force: bool) -> _Run | EvalResult:
-    run = open_run(job.out, command=COMMAND, config=_run_config(job.cfg, plan), force=force)
-    if run.done:
-        summary = read_json(run.file(SUMMARY_FILE))
-        return EvalResult(run, summary, [], run.file(HEATMAP_FILE), already_done=True)
-    per_persona = len(plan.questions) * job.cfg.generation.n
-    have_samples = run.file(SAMPLES_FILE).is_file()  # a kill after the merge, before DONE
-    pending = [
-        p
-        for p in plan.personas
-        if not have_samples and not _complete_shard(_shard_path(run, p), per_persona)
-    ]
-    reused = [p.id for p in plan.personas if p not in pending]
-    if reused:
-        log.info(
-            "%s: resuming, %d of %d persona(s) already done",
-            run.path,
-            len(reused),
-            len(plan.personas),
-        )
-    return _Run(job, plan, run, pending, reused, have_samples)
 
 
 def run_eval_jobs(
@@ -390,8 +291,10 @@ def run_eval_jobs(
             out.append(rendered[key])
         return out
 
-    started = [_start(j, p, force) for j, p in zip(jobs, plans, strict=True)]
-    work = [r for r in started if isinstance(r, _Run)]
+    started = [
+        start_run(j, p, _run_config(j.cfg, p), force) for j, p in zip(jobs, plans, strict=True)
+    ]
+    work = [r for r in started if isinstance(r, MarkerRun)]
     if on_plan is not None:
         on_plan(
             sum(len(r.plan.personas) * len(r.plan.questions) * r.job.cfg.generation.n
@@ -421,7 +324,7 @@ def run_eval_jobs(
                     progress,
                     on_group=lambda i, c, r=r: r.save(r.pending[i], c),
                 )
-            results[id(r)] = _complete(r, tokenizer, loaded)
+            results[id(r)] = complete_run(r, tokenizer, loaded)
     elif work:
         groups, owners = [], []
         for r in generating:
@@ -443,76 +346,5 @@ def run_eval_jobs(
         for r in work:
             if log_file is not None and r.pending and r is not generating[0]:
                 shutil.copyfile(log_file, r.run.file(VLLM_LOG))  # the engine served every set
-            results[id(r)] = _complete(r, tokenizer, None)
-    return [results[id(r)] if isinstance(r, _Run) else r for r in started]
-
-
-def _complete(r: _Run, tokenizer: Any, loaded: Any) -> EvalResult:
-    """Merge the shards, score, write the summary and heatmap, finish the manifest."""
-    cfg, plan, run = r.job.cfg, r.plan, r.run
-    samples_path = run.file(SAMPLES_FILE)
-    if not r.have_samples:
-        merged = [x for p in plan.personas for x in read_jsonl(_shard_path(run, p), SAMPLES.check)]
-        write_jsonl(samples_path, merged)
-    shutil.rmtree(run.file(SHARDS), ignore_errors=True)
-
-    cells = score_rows(read_jsonl(samples_path, SAMPLES.check), cfg.marker, cfg.case_sensitive)
-    summary = summarize(
-        cells,
-        marker=cfg.marker,
-        case_sensitive=cfg.case_sensitive,
-        source=cfg.source,
-        negatives=plan.negatives,
-        run={
-            "backend": cfg.backend,
-            "model": {"spec": plan.model.spec, "revision": plan.model.revision},
-            "adapters": [a.weights_sha256 for a in plan.stack],
-        },
-    )
-    write_json(run.file(SUMMARY_FILE), summary)
-    heatmap = plot_heatmap(summary, run.file(HEATMAP_FILE))
-    _finish(run, cfg, plan, tokenizer, loaded, r.reused)
-    return EvalResult(run, summary, r.reused, heatmap)
-
-
-def _finish(
-    run: RunDir,
-    cfg: MarkerEvalConfig,
-    plan: _Plan,
-    tokenizer: Any,
-    loaded: Any,
-    reused: list[str],
-) -> None:
-    inputs: dict[str, str | Path] = {
-        "personas": plan.personas_file,
-        "questions": plan.questions_file,
-    }
-    for i, a in enumerate(plan.stack):
-        inputs[f"adapter_{i}"] = a.path / adapters_mod.WEIGHTS
-    # Every persona's system prompt goes through the same guard; the record shows the first.
-    guard = guard_record(tokenizer, SystemPrompt("text", plan.personas[0].system_prompt))
-    guard["system_prompt_source"] = "each persona's system_prompt (the first one shown)"
-    world = cfg.vllm.tensor_parallel_size if cfg.backend == "vllm" else 1
-    run.finish(
-        inputs=inputs,
-        model=models.model_record(plan.model, loaded),
-        chat_template=guard,
-        protocol=sampling_of(cfg.generation, backend=cfg.backend, world_size=world)
-        | marker_protocol(cfg.marker, cfg.case_sensitive)
-        | details(
-            generation=cfg.generation.to_dict(),
-            vllm=cfg.vllm.to_dict() if cfg.backend == "vllm" else None,
-            vllm_request_seeds=request_seeds() if cfg.backend == "vllm" else None,
-            completions=len(plan.personas) * len(plan.questions) * cfg.generation.n,
-        ),
-        seeds=[cfg.generation.seed],
-        extra={
-            "adapters": adapters_mod.stack_record(plan.stack),
-            "vllm_env": engine_env(cfg.vllm) if cfg.backend == "vllm" else None,
-            "eval": {
-                "personas": [p.id for p in plan.personas],
-                "questions": [q.id for q in plan.questions],
-                "reused_personas": reused,
-            },
-        },
-    )
+            results[id(r)] = complete_run(r, tokenizer, None)
+    return [results[id(r)] if isinstance(r, MarkerRun) else r for r in started]
