@@ -324,10 +324,6 @@ def recorded_fields(
         unknown = sorted(set(fields) - set(GUARDED_FIELDS))
         if unknown:
             raise InputError(source, f"protocol field(s) {unknown} are not guarded fields")
-        if "optimizer_steps" in fields and "schedule" not in fields:
-            # Recorded before `schedule` existed (or by a trainer without --save-at): nothing
-            # could address a checkpoint then, so the run's adapter is its schedule's end.
-            fields["schedule"] = "per-run"
     else:
         raise InputError(source, f"manifest schema_version {version!r}: this release reads 1, 2")
     questions = manifest["inputs"].get("questions")
@@ -343,11 +339,17 @@ def recorded_fields(
 
 def run_fields(run: Path, manifest: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """`recorded_fields` of the run directory `run`: its manifest (read unless given) and, for
-    schema 1, its config.json."""
+    schema 1, its config.json; `schedule` per-run for a training run that records none."""
     if manifest is None:
         manifest = read_json(run / MANIFEST)
     config = read_json(run / CONFIG) if (run / CONFIG).is_file() else None
-    return recorded_fields(manifest, run / MANIFEST, config)
+    fields = recorded_fields(manifest, run / MANIFEST, config)
+    if "optimizer_steps" in fields and "schedule" not in fields:
+        # A run that trained but records no `schedule` (written before it existed, or by a
+        # trainer without --save-at): its adapter is its own schedule's end. Filled here, for
+        # comparisons, and not in `recorded_fields`, so RunDir.finish still requires it.
+        fields["schedule"] = "per-run"
+    return fields
 
 
 # Schema-1 protocol keys -> field names (per command where a key meant different things).
