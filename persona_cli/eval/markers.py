@@ -301,50 +301,72 @@ def run_eval_jobs(
                 for r in work),
             sum(len(r.pending) * len(r.plan.questions) * r.job.cfg.generation.n for r in work),
         )  # fmt: skip
+    if work and work[0].job.cfg.backend == "hf":
+        results = _run_hf(work, tokenizer, prompts_for, progress)
+    else:
+        results = _run_vllm(work, tokenizer, prompts_for, progress)
+    return [results[id(r)] if isinstance(r, MarkerRun) else r for r in started]
+
+
+Prompts = Callable[[Persona, list[Question]], list[str]]
+
+
+def _run_hf(
+    work: list[MarkerRun], tokenizer: Any, prompts_for: Prompts, progress: ProgressFn | None
+) -> dict[int, EvalResult]:
+    """One base model; the runs of one stack one after another, so each stack is merged once;
+    each run finished as soon as its completions are in."""
     results: dict[int, EvalResult] = {}
     generating = [r for r in work if r.pending]
-    if work and work[0].job.cfg.backend == "hf":
-        server = None
-        if generating:
-            stacks = {r.stack_key for r in generating}
-            server = StackServer(plans[0].model, stacks=len(stacks))
-        # Runs of the same stack one after another: each stack is merged once.
-        keys = list(dict.fromkeys(r.stack_key for r in work))
-        for r in sorted(work, key=lambda r: keys.index(r.stack_key)):
-            loaded = None
-            if r.pending:
-                assert server is not None
-                loaded = server.serve(r.plan.stack)
-                questions = r.plan.questions
-                generate_hf_groups(
-                    loaded,
-                    tokenizer,
-                    [prompts_for(p, questions) for p in r.pending],
-                    r.job.cfg.generation,
-                    progress,
-                    on_group=lambda i, c, r=r: r.save(r.pending[i], c),
-                )
-            results[id(r)] = complete_run(r, tokenizer, loaded)
-    elif work:
-        groups, owners = [], []
-        for r in generating:
-            for p in r.pending:
-                prompts = tuple(prompts_for(p, r.plan.questions))
-                groups.append(PromptGroup(prompts, tuple(r.plan.stack), r.job.cfg.generation.seed))
-                owners.append((r, p))
-        log_file = generating[0].run.file(VLLM_LOG) if generating else None
-        if groups:
-            generate_vllm_work(
-                plans[0].model,
-                groups,
-                generating[0].job.cfg.generation,
-                engine=generating[0].job.cfg.vllm,
-                progress=progress,
-                on_group=lambda i, c: owners[i][0].save(owners[i][1], c),
-                log_path=log_file,
+    server = None
+    if generating:
+        stacks = {r.stack_key for r in generating}
+        server = StackServer(generating[0].plan.model, stacks=len(stacks))
+    keys = list(dict.fromkeys(r.stack_key for r in work))
+    for r in sorted(work, key=lambda r: keys.index(r.stack_key)):
+        loaded = None
+        if r.pending:
+            assert server is not None
+            loaded = server.serve(r.plan.stack)
+            generate_hf_groups(
+                loaded,
+                tokenizer,
+                [prompts_for(p, r.plan.questions) for p in r.pending],
+                r.job.cfg.generation,
+                progress,
+                on_group=lambda i, c, r=r: r.save(r.pending[i], c),
             )
-        for r in work:
-            if log_file is not None and r.pending and r is not generating[0]:
-                shutil.copyfile(log_file, r.run.file(VLLM_LOG))  # the engine served every set
-            results[id(r)] = complete_run(r, tokenizer, None)
-    return [results[id(r)] if isinstance(r, MarkerRun) else r for r in started]
+        results[id(r)] = complete_run(r, tokenizer, loaded)
+    return results
+
+
+def _run_vllm(
+    work: list[MarkerRun], tokenizer: Any, prompts_for: Prompts, progress: ProgressFn | None
+) -> dict[int, EvalResult]:
+    """One engine (or one per merged base, `generate_vllm_work`) for every pending persona of
+    every run; each persona's shard written as its group arrives, the runs finished after."""
+    groups, owners = [], []
+    generating = [r for r in work if r.pending]
+    for r in generating:
+        for p in r.pending:
+            prompts = tuple(prompts_for(p, r.plan.questions))
+            groups.append(PromptGroup(prompts, tuple(r.plan.stack), r.job.cfg.generation.seed))
+            owners.append((r, p))
+    log_file = generating[0].run.file(VLLM_LOG) if generating else None
+    if generating:
+        first = generating[0]
+        generate_vllm_work(
+            first.plan.model,
+            groups,
+            first.job.cfg.generation,
+            engine=first.job.cfg.vllm,
+            progress=progress,
+            on_group=lambda i, c: owners[i][0].save(owners[i][1], c),
+            log_path=log_file,
+        )
+    results: dict[int, EvalResult] = {}
+    for r in work:
+        if log_file is not None and r.pending and r is not generating[0]:
+            shutil.copyfile(log_file, r.run.file(VLLM_LOG))  # the engine served every set
+        results[id(r)] = complete_run(r, tokenizer, None)
+    return results
