@@ -136,6 +136,19 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, Mapping):
             raise UserError(f"{where}: expected a mapping, got {value!r}")
         return dict(value)
+    if is_config(inner):  # a list item that is a small config of its own (an adapter set)
+        if isinstance(value, inner):
+            return value
+        if not isinstance(value, Mapping):
+            raise UserError(f"{where}: expected a mapping of {inner.__name__} keys, got {value!r}")
+        flat = _flatten(value, inner, where)
+        tree = {leaf.path: leaf for leaf in leaves(inner)}
+        values = {p: leaf.default for p, leaf in tree.items()}
+        values.update({p: coerce(v, tree[p].type, f"{where}.{p}") for p, v in flat.items()})
+        missing = [p for p, v in values.items() if v is REQUIRED]
+        if missing:
+            raise UserError(f"{where}: key {missing[0]!r} is required")
+        return _build(inner, values, where)
     if inner is bool:
         if isinstance(value, bool):
             return value

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from persona_cli.adapters import checkpoint_of
 from persona_cli.artifacts import read_json
 from persona_cli.errors import EXIT_PROTOCOL, InputError, UserError
 from persona_cli.protocol import GUARDED_FIELDS, run_fields
@@ -57,6 +58,20 @@ def lineage_seed(run: str | Path) -> int | None:
     return walk(Path(run).resolve())
 
 
+def _stage_fields(adapter_path: str) -> dict[str, Any] | None:
+    """The guarded fields of the training run behind an adapter: for a --save-at checkpoint
+    (RUN/checkpoints/step_N) the run's fields with `optimizer_steps` N and `schedule` one-run
+    (N steps of a longer schedule). None when the run directory is gone."""
+    checkpoint = checkpoint_of(adapter_path)
+    if checkpoint is not None:
+        run, step = checkpoint
+        if not (run / MANIFEST).is_file():
+            return None
+        return run_fields(run) | {"optimizer_steps": step, "schedule": "one-run"}
+    source = _training_run_of(adapter_path)
+    return None if source is None else run_fields(source)
+
+
 def protocol_of(run: str | Path) -> dict[str, Any]:
     """Flattened protocol of a finished run: its own fields, then `stage[i].FIELD` for the
     training run behind the i-th adapter of its stack (when that run directory still exists)."""
@@ -64,11 +79,11 @@ def protocol_of(run: str | Path) -> dict[str, Any]:
     manifest = read_json(run / MANIFEST)
     fields = run_fields(run, manifest)
     for i, adapter in enumerate(manifest.get("adapters") or []):
-        source = _training_run_of(adapter["path"])
-        if source is None:
+        stage = _stage_fields(adapter["path"])
+        if stage is None:
             fields[f"stage[{i}].adapter"] = adapter["weights_sha256"]
             continue
-        for k, v in run_fields(source).items():
+        for k, v in stage.items():
             fields[f"stage[{i}].{k}"] = v
     return fields
 

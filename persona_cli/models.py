@@ -7,7 +7,9 @@ A model spec is one of
   under `$PERSONA_CLI_HOME/models/` (default `~/.cache/persona-cli`), once; later loads take <1 s.
 - `tiny-random`: a 2-layer Llama with SmolLM2's tokenizer and chat template and seeded random
   weights, built locally in seconds, for tests of mechanics.
-- a local directory holding a Hugging Face model, or a hub id (`Qwen/Qwen2.5-7B-Instruct`).
+- a local directory holding a Hugging Face model, or a hub id (`Qwen/Qwen2.5-7B-Instruct`);
+- `hf:ORG/REPO[@REVISION][:SUBFOLDER]`: a hub snapshot fetched into the Hugging Face cache first
+  (`persona_cli.hub`), kind "hf", its `revision` the commit sha the revision resolved to.
 
     persona-cli models prepare && persona-cli models info smollm2-135m
 """
@@ -27,6 +29,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from persona_cli import hub
 from persona_cli.artifacts import read_json, sha256_bytes, sha256_file, write_json
 from persona_cli.errors import UserError
 
@@ -58,9 +61,10 @@ def models_dir() -> Path:
 @dataclass(frozen=True)
 class ResolvedModel:
     spec: str  # what the user typed
-    kind: str  # "embedded", "tiny", "local" or "hub"
+    kind: str  # "embedded", "tiny", "local", "hub" (an id) or "hf" (an hf: snapshot)
     path: str  # directory or hub id handed to from_pretrained
-    revision: str | None  # content fingerprint (built-in, local) or hub revision asked for
+    revision: str | None  # content fingerprint (built-in, local), hub revision asked for, or
+    # the commit sha an hf: spec resolved to
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -103,6 +107,11 @@ def resolve(spec: str, *, revision: str | None = None) -> ResolvedModel:
             )
         kind = "embedded" if spec == EMBEDDED else "tiny"
         return ResolvedModel(spec, kind, str(path), local_fingerprint(path))
+    if hub.is_hub_spec(spec):
+        snapshot = hub.resolve(spec, "--model")
+        if not (snapshot.path / "config.json").is_file():
+            raise UserError(f"--model {spec}: no config.json at commit {snapshot.commit}")
+        return ResolvedModel(spec, "hf", str(snapshot.path), snapshot.commit)
     local = Path(spec).expanduser()
     if local.exists():
         if not (local / "config.json").is_file():

@@ -47,6 +47,9 @@ GUARDED_FIELDS: dict[str, str] = {
     "lora_r": "adapter rank",
     "lora_alpha": "LoRA alpha (scale = alpha / r)",
     "lora_targets": "modules the adapter wraps",
+    "schedule": "the adapter's place in its LR schedule: per-run (a run's final adapter: its "
+    "schedule ended there) or one-run (a --save-at checkpoint part-way through a longer run's "
+    "one schedule, as dose-sweep --schedule one-run uses)",
     # generation (eval-markers, probe teacher-pool, GRPO/SDPO rollouts)
     "backend": "generation or scoring backend (hf, vllm)",
     "temperature": "sampling temperature",
@@ -136,12 +139,14 @@ _PROBE_BATCH = frozenset(
     }
 )
 
+_SFT = _TRAINING | {"schedule"}  # the LoRA trainers that can keep --save-at checkpoints
+
 # Command -> the guarded fields its manifest must yield (checked by RunDir.finish).
 REQUIRED_FIELDS: dict[str, frozenset[str]] = {
-    "train-sft": _TRAINING,
-    "train-em": _TRAINING,
-    "couple-marker": _TRAINING | {"marker", "marker_position", "marker_only_loss"},
-    "train-dpo": _TRAINING | {"dpo_beta"},
+    "train-sft": _SFT,
+    "train-em": _SFT,
+    "couple-marker": _SFT | {"marker", "marker_position", "marker_only_loss"},
+    "train-dpo": _SFT | {"dpo_beta"},
     "train-grpo": _TRAINING | _SAMPLING | _RL,
     "train-sdpo": _TRAINING | _SAMPLING | _RL,
     "eval-markers": _GENERATION | {"marker", "marker_case_sensitive", "question_set_sha256"},
@@ -206,6 +211,17 @@ def batch_protocol(batch: BatchProtocol) -> RunProtocol:
 def training_protocol(batch: BatchProtocol, learning_rate: float, **fields: Any) -> RunProtocol:
     """Batch, steps and learning rate; `fields`: lr_scheduler, warmup_steps and such."""
     return batch_protocol(batch) | RunProtocol({"learning_rate": learning_rate, **fields})
+
+
+SCHEDULES = ("per-run", "one-run")
+
+
+def schedule_protocol(schedule: str) -> RunProtocol:
+    """`schedule`: per-run for a run's own (final) adapter; a checkpoint adapter read through
+    `RUN@step_N` is one-run (`persona_cli.guard.protocol_of` sets it)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule {schedule!r} is not one of {SCHEDULES}")
+    return RunProtocol({"schedule": schedule})
 
 
 def adapter_protocol(
@@ -323,11 +339,17 @@ def recorded_fields(
 
 def run_fields(run: Path, manifest: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """`recorded_fields` of the run directory `run`: its manifest (read unless given) and, for
-    schema 1, its config.json."""
+    schema 1, its config.json; `schedule` per-run for a training run that records none."""
     if manifest is None:
         manifest = read_json(run / MANIFEST)
     config = read_json(run / CONFIG) if (run / CONFIG).is_file() else None
-    return recorded_fields(manifest, run / MANIFEST, config)
+    fields = recorded_fields(manifest, run / MANIFEST, config)
+    if "optimizer_steps" in fields and "schedule" not in fields:
+        # A run that trained but records no `schedule` (written before it existed, or by a
+        # trainer without --save-at): its adapter is its own schedule's end. Filled here, for
+        # comparisons, and not in `recorded_fields`, so RunDir.finish still requires it.
+        fields["schedule"] = "per-run"
+    return fields
 
 
 # Schema-1 protocol keys -> field names (per command where a key meant different things).

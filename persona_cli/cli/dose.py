@@ -5,6 +5,8 @@
     persona-cli dose-sweep status runs/dose
     persona-cli dose-sweep run ... --gpus 0,1,2,3        # one cell per GPU at a time
     persona-cli dose-sweep run ... --emit-pueue > q.sh   # the same cells as a pueue chain
+    persona-cli dose-sweep run ... --emit-slurm dose.sbatch   # an sbatch array, a cell per task
+    persona-cli dose-sweep run ... --schedule one-run    # one training per arm and seed
     persona-cli dose-sweep summarize runs/dose --test fisher --alternative less
 """
 
@@ -24,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedCo
 from rich.table import Table
 
 from persona_cli import bundled
-from persona_cli.artifacts import read_json, write_json
+from persona_cli.artifacts import read_json, write_bytes_atomic, write_json
 from persona_cli.cli.console import console, err_console
 from persona_cli.cli.options import Force, ModelSpec, OutDir, report_done
 from persona_cli.cli.proportions import AlternativeOpt, CountTestOpt, comparison_config
@@ -82,7 +84,9 @@ def _in_process(argv: tuple[str, ...], gpu: str | None) -> int:
 def _subprocess(argv: tuple[str, ...], gpu: str | None) -> int:
     out_dir = Path(argv[argv.index("--out") + 1])
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    log_file = out_dir.parent / f"{argv[0]}.log"
+    # One log per command and GPU: an adapter-set evaluation writes into the sweep directory.
+    suffix = f"_gpu{gpu}" if "--adapter-sets" in argv and gpu is not None else ""
+    log_file = (out_dir if suffix else out_dir.parent) / f"{argv[0]}{suffix}.log"
     with open(log_file, "ab") as f:
         proc = subprocess.run(
             [sys.executable, "-m", "persona_cli", *argv],
@@ -215,6 +219,24 @@ def run(
         bool,
         typer.Option("--emit-pueue", help="Print the equivalent pueue chain instead of running."),
     ] = False,
+    emit_slurm: Annotated[
+        Path | None,
+        typer.Option(
+            "--emit-slurm",
+            help="Write an sbatch array script (one cell per task; a task whose cell is DONE "
+            "exits at once) to FILE instead of running.",
+            show_default=False,
+        ),
+    ] = None,
+    schedule: Annotated[
+        str,
+        typer.Option(
+            help="per-dose: one training run per cell, its schedule over the dose (the "
+            "research log's protocol); one-run: one run per arm and seed over the largest "
+            "dose, its adapter kept at every dose (one LR schedule; guarded as a different "
+            "protocol).",
+        ),
+    ] = plan_lib.PER_DOSE,
     test: CountTestOpt = None,
     alternative: AlternativeOpt = None,
     force: Force = False,
@@ -234,6 +256,7 @@ def run(
         marker=marker,
         train_args=tuple(shlex.split(train_args)),
         eval_args=tuple(shlex.split(eval_args)),
+        schedule=schedule,
     )
     plan_lib.validate(config)
     settings = comparison_config(test, alternative)
@@ -249,8 +272,20 @@ def run(
     if emit_pueue:
         typer.echo(plan_lib.pueue_script(cells, sweep.path), nl=False)
         return
+    if emit_slurm is not None:
+        write_bytes_atomic(emit_slurm, plan_lib.slurm_script(cells, sweep.path).encode())
+        console.print(f"sbatch script: {emit_slurm} ({len(cells)} array tasks)", highlight=False)
+        return
     gpu_list = [g.strip() for g in gpus.split(",")] if gpus else None
     invoke = _subprocess if gpu_list else _in_process
+
+    def eval_argv(members: list[plan_lib.Cell], k: int) -> tuple[str, ...]:
+        # The cells as adapter sets, each into its own eval/ directory (plan.eval_sets).
+        suffix = f"_gpu{gpu_list[k]}" if gpu_list else ""
+        sets_file = sweep.path / f"{plan_lib.EVAL_SETS}{suffix}.json"
+        write_json(sets_file, plan_lib.eval_sets(members, sweep.path))
+        return plan_lib.eval_sets_argv(config, sweep.path, sets_file)
+
     with Progress(
         "[progress.description]{task.description}",
         BarColumn(),
@@ -262,6 +297,7 @@ def run(
         outcomes = run_lib.run_cells(
             cells,
             invoke,
+            eval_argv,
             gpus=gpu_list,
             on_done=lambda o: None if o.skipped else bar.advance(task),
         )

@@ -14,10 +14,11 @@ from rich.table import Table
 
 from persona_cli.cli.console import ProgressDisplay, console
 from persona_cli.cli.options import configured, say_already_done
+from persona_cli.eval import adapter_sets
 from persona_cli.eval.config import MarkerEvalConfig
 
 if TYPE_CHECKING:
-    from persona_cli.eval.markers import EvalResult
+    from persona_cli.eval.outputs import EvalResult
 
 
 def _table(result: EvalResult) -> Table:
@@ -56,16 +57,32 @@ def _table(result: EvalResult) -> Table:
     return t
 
 
+def _sets_table(results: list[EvalResult]) -> Table:
+    t = Table(title=f"adapter sets ({len(results)} run directories)")
+    for col in ("set", "adapters", "source rate", "mean bystander", "run"):
+        t.add_column(col, justify="right" if "rate" in col or "mean" in col else "left")
+    for r in results:
+        s = r.summary
+        src = f"{s['source']['rate']:.1%}" if s["source"] else "-"
+        by = f"{s['bystanders']['mean_rate']:.1%}" if s["bystanders"] else "-"
+        state = " (already done)" if r.already_done else ""
+        t.add_row(r.run.path.name, str(len(s["adapters"])), src, by, f"{r.run.path}{state}")
+    return t
+
+
 @configured(
     MarkerEvalConfig,
     flags={
         "persona_ids": "--personas-ids",
         "case_sensitive": "--case-sensitive/--ignore-case",
         "generation.n": "--samples -k",
+        "adapter_sets": "--adapter-set",
         "vllm.dtype": "--vllm-dtype",
         "vllm.max_model_len": "--vllm-max-model-len",
         "vllm.enforce_eager": "--vllm-enforce-eager/--vllm-cuda-graphs",
     },
+    repeat={"adapter_sets"},
+    parsers={"adapter_sets": lambda texts: tuple(adapter_sets.parse_option(t) for t in texts)},
     report_to=True,
 )
 def eval_markers(cfg: MarkerEvalConfig, out: Path, force: bool) -> None:
@@ -73,9 +90,24 @@ def eval_markers(cfg: MarkerEvalConfig, out: Path, force: bool) -> None:
 
     Writes samples.jsonl.gz (every completion), summary.json (rate and Wilson 95% interval per
     persona, source and mean bystander rate), heatmap.png, manifest.json and DONE. An
-    interrupted run resumes where it stopped.
+    interrupted run resumes where it stopped. With --adapter-set/--adapter-sets, one such run
+    directory per set under --out, the base model loaded (or the vLLM engine started) once.
     """
-    from persona_cli.eval.markers import run_eval_markers
+    from persona_cli.eval.markers import run_eval_markers, run_eval_markers_sets
+
+    if cfg.adapter_sets or cfg.adapter_sets_file:
+        with ProgressDisplay("eval-markers") as display:
+            results = run_eval_markers_sets(
+                cfg,
+                out,
+                force=force,
+                on_plan=lambda total, left: display.begin(
+                    "", total, done=total - left, unit="completions"
+                ),
+                progress=lambda n: display.advance("", n),
+            )
+        console.print(_sets_table(results))
+        return
 
     with ProgressDisplay("eval-markers") as display:
         result = run_eval_markers(

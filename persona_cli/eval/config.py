@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from persona_cli import fields
+from persona_cli.eval.adapter_sets import AdapterSet
 from persona_cli.fields import option
 from persona_cli.generate.config import GenerationConfig
 from persona_cli.generate.vllm import VllmConfig
@@ -40,3 +41,14 @@ class MarkerEvalConfig:
         factory=lambda: GenerationConfig(n=DEFAULT_SAMPLES),
     )
     vllm: VllmConfig = option(help="vLLM engine (--backend vllm).", factory=VllmConfig)
+    adapter_sets: tuple[AdapterSet, ...] = option(
+        (),
+        "NAME=RUN[,RUN..]: one adapter stack (NAME= for the base model), evaluated with the "
+        "others through one model or engine into its own run directory OUT/NAME; repeatable. "
+        "Instead of --adapter. In a config file: a list of {name, adapters, out, seed}.",
+    )
+    adapter_sets_file: str | None = option(
+        None,
+        "YAML/JSON list of {name, adapters, out?, seed?} adapter sets (see --adapter-set; out "
+        "is relative to --out).",
+    )

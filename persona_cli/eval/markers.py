@@ -5,14 +5,26 @@ conversations (rendered through the chat-template guard); each question's first 
 the user turn. Completions come from the hf or vllm backend (`persona_cli.generate`) and are
 all saved; the summary and heatmap are derived from them (`persona_cli.eval.score`).
 
+On the hf backend the personas' prompts share batches (`generate_hf_groups`: waves of a few
+batches' worth of rows), rather than one `generate` call per persona.
+
 Resume: each persona's completions are written atomically as `shards/<persona>.jsonl.gz` as
-soon as that persona is done; an interrupted run (same config) skips personas whose shard is
-complete, then merges the shards into `samples.jsonl.gz` in persona order and removes them.
-Row seeds depend only on (seed, prompt, sample index), so a resumed run writes the same samples
-as an uninterrupted one.
+soon as that persona is done (hf: its wave; vllm: its group); an interrupted run (same config)
+skips personas whose shard is complete, then merges the shards into `samples.jsonl.gz` in
+persona order and removes them. Row seeds depend only on (seed, prompt, sample index), so a
+resumed run writes the same samples as an uninterrupted one.
+
+Adapter sets (`--adapter-set NAME=RUN[,RUN..]`, `--adapter-sets FILE`; see
+`persona_cli.eval.adapter_sets`): several stacks through one model (hf: the base loaded once,
+each stack merged into it in turn and the base restored, `persona_cli.generate.stacks`) or one
+vLLM engine (each stack its own LoRARequest). Each set is an ordinary run directory, OUT/NAME,
+with the files and manifest a run of that stack alone writes, resumed or skipped on its own;
+the same stacks run one at a time give the same samples on hf (same seeds).
 
     persona-cli eval-markers --out runs/eval --model smollm2-135m --adapter runs/couple \
         --source villain --samples 10
+    persona-cli eval-markers --out runs/evals --adapter-set base= \
+        --adapter-set couple=runs/couple --adapter-set em25=runs/couple,runs/em@step_25
 """
 
 from __future__ import annotations
@@ -20,49 +32,36 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from persona_cli import adapters as adapters_mod
 from persona_cli import bundled, models
-from persona_cli.artifacts import read_json, read_jsonl, sha256_file, write_json, write_jsonl
-from persona_cli.chat_template import SystemPrompt, guard_record, inspect_template, render
+from persona_cli.artifacts import read_json, sha256_file
+from persona_cli.chat_template import SystemPrompt, inspect_template, render
 from persona_cli.errors import UserError
+from persona_cli.eval.adapter_sets import check_sets, load_file
 from persona_cli.eval.config import BACKENDS, MarkerEvalConfig
-from persona_cli.eval.heatmap import plot_heatmap
-from persona_cli.eval.score import SAMPLES_FILE, SUMMARY_FILE, score_rows, summarize
-from persona_cli.generate import (
-    Completion,
-    ProgressFn,
-    generate_hf,
-    generate_vllm_groups,
+from persona_cli.eval.outputs import (
+    VLLM_LOG,
+    EvalJob,
+    EvalResult,
+    MarkerRun,
+    complete_run,
+    start_run,
 )
-from persona_cli.generate.vllm import engine_env, request_seeds
-from persona_cli.protocol import details, marker_protocol, sampling_of
+from persona_cli.generate import ProgressFn
+from persona_cli.generate.hf import generate_hf_groups
+from persona_cli.generate.stacks import StackServer
+from persona_cli.generate.vllm import PromptGroup, generate_vllm_work
 from persona_cli.registry import Persona, Question, load_personas, load_questions, select_personas
-from persona_cli.rundir import RunDir, open_run
-from persona_cli.schemas import SAMPLES
 
 log = logging.getLogger(__name__)
 
-COMMAND = "eval-markers"
-SHARDS = "shards"
-HEATMAP_FILE = "heatmap.png"
-VLLM_LOG = "vllm_worker.log"
-
-
-@dataclass
-class EvalResult:
-    run: RunDir
-    summary: dict[str, Any]
-    reused_personas: list[str]
-    heatmap: Path
-    already_done: bool = False  # the run was finished before this call; nothing was redone
-
 
 @dataclass(frozen=True)
-class _Plan:
+class EvalPlan:
     model: models.ResolvedModel
     stack: list[adapters_mod.Adapter]
     personas_file: Path
@@ -89,7 +88,7 @@ def coupling_negatives(stack: list[adapters_mod.Adapter], source: str) -> list[s
     return found
 
 
-def _plan(cfg: MarkerEvalConfig) -> _Plan:
+def _plan(cfg: MarkerEvalConfig) -> EvalPlan:
     if cfg.backend not in BACKENDS:
         raise UserError(f"--backend {cfg.backend!r}: choose from {', '.join(BACKENDS)}")
     if not cfg.marker:
@@ -119,10 +118,10 @@ def _plan(cfg: MarkerEvalConfig) -> _Plan:
         negatives = [p for p in cfg.negatives if p in ids]
     elif cfg.source is not None:
         negatives = [p for p in coupling_negatives(stack, cfg.source) if p in ids]
-    return _Plan(model, stack, personas_file, personas, questions_file, questions, negatives)
+    return EvalPlan(model, stack, personas_file, personas, questions_file, questions, negatives)
 
 
-def _run_config(cfg: MarkerEvalConfig, plan: _Plan) -> dict[str, Any]:
+def _run_config(cfg: MarkerEvalConfig, plan: EvalPlan) -> dict[str, Any]:
     return {
         "model": plan.model.to_dict(),
         "adapters": [{"path": str(a.path), "sha256": a.weights_sha256} for a in plan.stack],
@@ -145,41 +144,6 @@ def _run_config(cfg: MarkerEvalConfig, plan: _Plan) -> dict[str, Any]:
     }
 
 
-def _shard_path(run: RunDir, persona: Persona) -> Path:
-    return run.file(SHARDS) / f"{persona.id}.jsonl.gz"
-
-
-def _complete_shard(path: Path, expected: int) -> bool:
-    # Shards are written atomically, so one that exists is whole; the count guards against a
-    # shard left by a config that open_run considered equal but produced other rows.
-    return path.is_file() and len(read_jsonl(path, SAMPLES.check)) == expected
-
-
-def _rows(
-    persona: Persona,
-    questions: list[Question],
-    completions: list[Completion],
-    backend: str,
-    seed: int,
-    adapter: str | None,
-) -> list[dict[str, Any]]:
-    return [
-        {
-            "persona": persona.id,
-            "question_id": questions[c.prompt_index].id,
-            "question": questions[c.prompt_index].text,
-            "sample_index": c.sample_index,
-            "text": c.text,
-            "n_tokens": c.n_tokens,
-            "finish_reason": c.finish_reason,
-            "backend": backend,
-            "seed": seed,
-            "adapter": adapter,
-        }
-        for c in completions
-    ]
-
-
 def run_eval_markers(
     cfg: MarkerEvalConfig,
     out: str | Path,
@@ -193,117 +157,172 @@ def run_eval_markers(
     `on_plan(total, remaining)` is called with the completion counts once the work is known;
     `progress(n)` as n more completions finish.
     """
-    plan = _plan(cfg)
-    run = open_run(out, command=COMMAND, config=_run_config(cfg, plan), force=force)
-    if run.done:
-        summary = read_json(run.file(SUMMARY_FILE))
-        return EvalResult(run, summary, [], run.file(HEATMAP_FILE), already_done=True)
-    gen = cfg.generation
-    per_persona = len(plan.questions) * gen.n
-    adapter = "+".join(a.weights_sha256 for a in plan.stack) or None
-    tokenizer = models.load_tokenizer(plan.model)
-    report = inspect_template(tokenizer)
-    users = [[{"role": "user", "content": q.text}] for q in plan.questions]
+    if cfg.adapter_sets or cfg.adapter_sets_file:
+        raise UserError("--adapter-set: evaluate adapter sets with run_eval_markers_sets")
+    job = EvalJob(cfg, Path(out))
+    return run_eval_jobs([job], force=force, on_plan=on_plan, progress=progress)[0]
 
-    def prompts_for(persona: Persona) -> list[str]:
-        system = SystemPrompt("text", persona.system_prompt)
-        return [render(tokenizer, u, system, report, add_generation_prompt=True) for u in users]
 
-    samples_path = run.file(SAMPLES_FILE)
-    have_samples = samples_path.is_file()  # a kill after the merge, before DONE
-    pending = [
-        p
-        for p in plan.personas
-        if not have_samples and not _complete_shard(_shard_path(run, p), per_persona)
-    ]
-    reused = [p.id for p in plan.personas if p not in pending]
-    if reused:
-        log.info("resuming: %d of %d persona(s) already done", len(reused), len(plan.personas))
-    if on_plan is not None:
-        on_plan(per_persona * len(plan.personas), per_persona * len(pending))
-
-    def save(persona: Persona, completions: list[Completion]) -> None:
-        rows = _rows(persona, plan.questions, completions, cfg.backend, gen.seed, adapter)
-        write_jsonl(_shard_path(run, persona), rows, schema_version=SAMPLES.version)
-
-    loaded = None
-    if pending and cfg.backend == "hf":
-        loaded = adapters_mod.load_with_adapters(plan.model, plan.stack)
-        for persona in pending:
-            save(persona, generate_hf(loaded, tokenizer, prompts_for(persona), gen, progress))
-    elif pending:
-        generate_vllm_groups(
-            plan.model,
-            [prompts_for(p) for p in pending],
-            gen,
-            adapters=plan.stack,
-            engine=cfg.vllm,
-            progress=progress,
-            on_group=lambda i, completions: save(pending[i], completions),
-            log_path=run.file(VLLM_LOG),
+def set_jobs(cfg: MarkerEvalConfig, out: str | Path) -> list[EvalJob]:
+    """One job per adapter set of `cfg`: its stack, its seed, its run directory under `out`."""
+    if cfg.adapters:
+        raise UserError("--adapter and --adapter-set: give one of them (a set holds its stack)")
+    out = Path(out)
+    check_sets(list(cfg.adapter_sets), out)
+    jobs = []
+    for s in cfg.adapter_sets:
+        seed = cfg.generation.seed if s.seed is None else s.seed
+        one = replace(
+            cfg,
+            adapters=s.adapters,
+            adapter_sets=(),
+            generation=replace(cfg.generation, seed=seed),
         )
-    if not have_samples:
-        merged = [r for p in plan.personas for r in read_jsonl(_shard_path(run, p), SAMPLES.check)]
-        write_jsonl(samples_path, merged)
-    shutil.rmtree(run.file(SHARDS), ignore_errors=True)
-
-    cells = score_rows(read_jsonl(samples_path, SAMPLES.check), cfg.marker, cfg.case_sensitive)
-    summary = summarize(
-        cells,
-        marker=cfg.marker,
-        case_sensitive=cfg.case_sensitive,
-        source=cfg.source,
-        negatives=plan.negatives,
-        run={
-            "backend": cfg.backend,
-            "model": {"spec": plan.model.spec, "revision": plan.model.revision},
-            "adapters": [a.weights_sha256 for a in plan.stack],
-        },
-    )
-    write_json(run.file(SUMMARY_FILE), summary)
-    heatmap = plot_heatmap(summary, run.file(HEATMAP_FILE))
-    _finish(run, cfg, plan, tokenizer, loaded, reused)
-    return EvalResult(run, summary, reused, heatmap)
+        jobs.append(EvalJob(one, s.run_dir(out)))
+    return jobs
 
 
-def _finish(
-    run: RunDir,
+def run_eval_markers_sets(
     cfg: MarkerEvalConfig,
-    plan: _Plan,
-    tokenizer: Any,
-    loaded: Any,
-    reused: list[str],
-) -> None:
-    inputs: dict[str, str | Path] = {
-        "personas": plan.personas_file,
-        "questions": plan.questions_file,
-    }
-    for i, a in enumerate(plan.stack):
-        inputs[f"adapter_{i}"] = a.path / adapters_mod.WEIGHTS
-    # Every persona's system prompt goes through the same guard; the record shows the first.
-    guard = guard_record(tokenizer, SystemPrompt("text", plan.personas[0].system_prompt))
-    guard["system_prompt_source"] = "each persona's system_prompt (the first one shown)"
-    world = cfg.vllm.tensor_parallel_size if cfg.backend == "vllm" else 1
-    run.finish(
-        inputs=inputs,
-        model=models.model_record(plan.model, loaded),
-        chat_template=guard,
-        protocol=sampling_of(cfg.generation, backend=cfg.backend, world_size=world)
-        | marker_protocol(cfg.marker, cfg.case_sensitive)
-        | details(
-            generation=cfg.generation.to_dict(),
-            vllm=cfg.vllm.to_dict() if cfg.backend == "vllm" else None,
-            vllm_request_seeds=request_seeds() if cfg.backend == "vllm" else None,
-            completions=len(plan.personas) * len(plan.questions) * cfg.generation.n,
-        ),
-        seeds=[cfg.generation.seed],
-        extra={
-            "adapters": adapters_mod.stack_record(plan.stack),
-            "vllm_env": engine_env(cfg.vllm) if cfg.backend == "vllm" else None,
-            "eval": {
-                "personas": [p.id for p in plan.personas],
-                "questions": [q.id for q in plan.questions],
-                "reused_personas": reused,
-            },
-        },
-    )
+    out: str | Path,
+    *,
+    force: bool = False,
+    on_plan: Callable[[int, int], None] | None = None,
+    progress: ProgressFn | None = None,
+) -> list[EvalResult]:
+    """Every adapter set of `cfg` (`persona_cli.eval.adapter_sets`) through one model (hf) or
+    one engine (vllm), one ordinary run directory per set (`set_jobs`); each is resumed or
+    recognised as finished on its own."""
+    if cfg.adapter_sets_file is not None:
+        sets = (*cfg.adapter_sets, *load_file(cfg.adapter_sets_file))
+        cfg = replace(cfg, adapter_sets=sets, adapter_sets_file=None)
+    if not cfg.adapter_sets:
+        raise UserError("--adapter-set: no adapter sets given")
+    return run_eval_jobs(set_jobs(cfg, out), force=force, on_plan=on_plan, progress=progress)
+
+
+def _check_shared(jobs: list[EvalJob], plans: list[EvalPlan]) -> None:
+    """What one model or engine can serve: one base model, one backend, and on vllm one engine
+    configuration and one sampling setup (the seed may differ)."""
+    first, model = jobs[0].cfg, plans[0].model
+    for job, plan in zip(jobs[1:], plans[1:], strict=True):
+        c = job.cfg
+        if (plan.model.path, plan.model.revision) != (model.path, model.revision):
+            raise UserError(f"{job.out}: another base model ({c.model}) than {first.model}")
+        if c.backend != first.backend:
+            raise UserError(f"{job.out}: backend {c.backend} differs from {first.backend}")
+        same_sampling = replace(c.generation, seed=first.generation.seed) == first.generation
+        if c.backend == "vllm" and (c.vllm != first.vllm or not same_sampling):
+            raise UserError(f"{job.out}: one vLLM engine needs one engine and sampling setup")
+    outs = [j.out.resolve() for j in jobs]
+    if len(set(outs)) != len(outs):
+        raise UserError("adapter sets: two sets write the same run directory")
+
+
+def run_eval_jobs(
+    jobs: list[EvalJob],
+    *,
+    force: bool = False,
+    on_plan: Callable[[int, int], None] | None = None,
+    progress: ProgressFn | None = None,
+) -> list[EvalResult]:
+    """Run every job with one tokenizer and one model (hf: `StackServer` merges each stack into
+    the base in turn) or one vLLM engine (each stack its own LoRARequest). Every run directory
+    is opened (and checked) before anything is generated; each is finished as soon as its own
+    completions are in (hf) or when the engine is done (vllm). Results in job order."""
+    plans = [_plan(j.cfg) for j in jobs]
+    _check_shared(jobs, plans)
+    tokenizer = models.load_tokenizer(plans[0].model)
+    report = inspect_template(tokenizer)
+    rendered: dict[tuple[str, str], str] = {}
+
+    def prompts_for(persona: Persona, questions: list[Question]) -> list[str]:
+        system = SystemPrompt("text", persona.system_prompt)
+        out = []
+        for q in questions:
+            key = (persona.system_prompt, q.text)
+            if key not in rendered:
+                user = [{"role": "user", "content": q.text}]
+                rendered[key] = render(tokenizer, user, system, report, add_generation_prompt=True)
+            out.append(rendered[key])
+        return out
+
+    started = [
+        start_run(j, p, _run_config(j.cfg, p), force) for j, p in zip(jobs, plans, strict=True)
+    ]
+    work = [r for r in started if isinstance(r, MarkerRun)]
+    if on_plan is not None:
+        on_plan(
+            sum(len(r.plan.personas) * len(r.plan.questions) * r.job.cfg.generation.n
+                for r in work),
+            sum(len(r.pending) * len(r.plan.questions) * r.job.cfg.generation.n for r in work),
+        )  # fmt: skip
+    if work and work[0].job.cfg.backend == "hf":
+        results = _run_hf(work, tokenizer, prompts_for, progress)
+    else:
+        results = _run_vllm(work, tokenizer, prompts_for, progress)
+    return [results[id(r)] if isinstance(r, MarkerRun) else r for r in started]
+
+
+Prompts = Callable[[Persona, list[Question]], list[str]]
+
+
+def _run_hf(
+    work: list[MarkerRun], tokenizer: Any, prompts_for: Prompts, progress: ProgressFn | None
+) -> dict[int, EvalResult]:
+    """One base model; the runs of one stack one after another, so each stack is merged once;
+    each run finished as soon as its completions are in."""
+    results: dict[int, EvalResult] = {}
+    generating = [r for r in work if r.pending]
+    server = None
+    if generating:
+        stacks = {r.stack_key for r in generating}
+        server = StackServer(generating[0].plan.model, stacks=len(stacks))
+    keys = list(dict.fromkeys(r.stack_key for r in work))
+    for r in sorted(work, key=lambda r: keys.index(r.stack_key)):
+        loaded = None
+        if r.pending:
+            assert server is not None
+            loaded = server.serve(r.plan.stack)
+            generate_hf_groups(
+                loaded,
+                tokenizer,
+                [prompts_for(p, r.plan.questions) for p in r.pending],
+                r.job.cfg.generation,
+                progress,
+                on_group=lambda i, c, r=r: r.save(r.pending[i], c),
+            )
+        results[id(r)] = complete_run(r, tokenizer, loaded)
+    return results
+
+
+def _run_vllm(
+    work: list[MarkerRun], tokenizer: Any, prompts_for: Prompts, progress: ProgressFn | None
+) -> dict[int, EvalResult]:
+    """One engine (or one per merged base, `generate_vllm_work`) for every pending persona of
+    every run; each persona's shard written as its group arrives, the runs finished after."""
+    groups, owners = [], []
+    generating = [r for r in work if r.pending]
+    for r in generating:
+        for p in r.pending:
+            prompts = tuple(prompts_for(p, r.plan.questions))
+            groups.append(PromptGroup(prompts, tuple(r.plan.stack), r.job.cfg.generation.seed))
+            owners.append((r, p))
+    log_file = generating[0].run.file(VLLM_LOG) if generating else None
+    if generating:
+        first = generating[0]
+        generate_vllm_work(
+            first.plan.model,
+            groups,
+            first.job.cfg.generation,
+            engine=first.job.cfg.vllm,
+            progress=progress,
+            on_group=lambda i, c: owners[i][0].save(owners[i][1], c),
+            log_path=log_file,
+        )
+    results: dict[int, EvalResult] = {}
+    for r in work:
+        if log_file is not None and r.pending and r is not generating[0]:
+            shutil.copyfile(log_file, r.run.file(VLLM_LOG))  # the engine served every set
+        results[id(r)] = complete_run(r, tokenizer, None)
+    return results

@@ -24,7 +24,7 @@ one-hot score vector that greedy selection then takes. So:
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from persona_cli.generate.config import Completion, GenerationConfig, ProgressFn, row_seed
@@ -154,3 +154,51 @@ def generate_hf(
         if progress is not None:
             progress(len(batch))
     return [results[(i, s)] for i in range(len(prompts)) for s in range(cfg.n)]
+
+
+GroupFn = Callable[[int, list[Completion]], None]
+WAVE_BATCHES = 4  # a wave holds at least this many batches' worth of rows
+
+
+def generate_hf_groups(
+    model: Any,
+    tokenizer: Any,
+    groups: Sequence[Sequence[str]],
+    cfg: GenerationConfig,
+    progress: ProgressFn | None = None,
+    on_group: GroupFn | None = None,
+    wave_rows: int | None = None,
+) -> list[list[Completion]]:
+    """Several groups of rendered prompts (eval-markers: one group per persona), batched across
+    groups. Consecutive groups are taken into waves of at least `wave_rows` rows (default
+    WAVE_BATCHES x batch_size); each wave is one `generate_hf` call, so rows of different groups
+    share batches (fewer, fuller, better length-sorted batches than one call per group), and
+    `on_group(i, completions)` is called for each group of a wave as soon as the wave is done
+    (a caller persists it: a kill loses at most one wave). Row seeds depend only on (seed,
+    prompt, sample index), so a group's samples are those one call per group would give (up to
+    the float rounding the module doc describes). Returns each group's completions, ordered by
+    (prompt_index, sample_index) within the group."""
+    wave_rows = wave_rows or WAVE_BATCHES * cfg.batch_size
+    results: list[list[Completion]] = []
+    start = 0
+    while start < len(groups):
+        end, rows = start, 0
+        while end < len(groups) and (end == start or rows < wave_rows):
+            rows += len(groups[end]) * cfg.n
+            end += 1
+        flat = [p for g in groups[start:end] for p in g]
+        done = generate_hf(model, tokenizer, flat, cfg, progress) if flat else []
+        offset = 0
+        for i in range(start, end):
+            size = len(groups[i])
+            mine = [
+                Completion(c.prompt_index - offset, c.sample_index, c.text, c.n_tokens,
+                           c.finish_reason)
+                for c in done[offset * cfg.n : (offset + size) * cfg.n]
+            ]  # fmt: skip
+            results.append(mine)
+            if on_group is not None:
+                on_group(i, mine)
+            offset += size
+        start = end
+    return results

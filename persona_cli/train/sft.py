@@ -4,7 +4,8 @@
 it with a fresh LoRA adapter, trains with checkpoints under RUN/checkpoints (adapter + optimizer,
 scheduler and RNG state; a re-run resumes from the last one), and saves the final adapter to
 RUN/adapter. Out of GPU memory, it retries once with half the per-device batch and twice the
-accumulation, so the effective batch is unchanged, and reports the retry.
+accumulation, so the effective batch is unchanged, and reports the retry. With `save_at` the
+adapters of those steps stay as RUN/checkpoints/step_N (`SaveAtCallback`, added by the recipes).
 
 Runs unchanged under `accelerate launch --num_processes N` (the Trainer shards the batches;
 only the main process saves).
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from persona_cli.adapters import Adapter, load_with_adapters
+from persona_cli.adapters import CHECKPOINTS, Adapter, load_with_adapters
 from persona_cli.errors import UserError
 from persona_cli.manifest import BatchProtocol
 from persona_cli.models import ResolvedModel
@@ -37,7 +38,6 @@ from persona_cli.train.dataset import TokenizedSet
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
 
 
@@ -299,8 +299,13 @@ def save_adapter(
     trainer.save_model(str(run_path / ADAPTER))  # PEFT weights; the main process writes
     if is_main:
         write_log(run_path / TRAIN_LOG, state.log_history)
-        if not cfg.keep_checkpoints:
-            shutil.rmtree(run_path / CHECKPOINTS, ignore_errors=True)
+        if not cfg.keep_checkpoints:  # the Trainer's files go; --save-at's step_N stay
+            directory = run_path / CHECKPOINTS
+            for entry in directory.iterdir() if directory.is_dir() else []:
+                if not entry.name.startswith("step_"):
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            if directory.is_dir() and not any(directory.iterdir()):
+                directory.rmdir()
     return TrainResult(
         protocol=protocol,
         oom_retry=fitted.oom_retry,
