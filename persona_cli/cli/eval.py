@@ -77,6 +77,7 @@ def _sets_table(results: list[EvalResult]) -> Table:
         "case_sensitive": "--case-sensitive/--ignore-case",
         "generation.n": "--samples -k",
         "adapter_sets": "--adapter-set",
+        "adapter_sets_file": "--adapter-sets",
         "vllm.dtype": "--vllm-dtype",
         "vllm.max_model_len": "--vllm-max-model-len",
         "vllm.enforce_eager": "--vllm-enforce-eager/--vllm-cuda-graphs",
