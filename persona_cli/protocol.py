@@ -67,6 +67,7 @@ GUARDED_FIELDS: dict[str, str] = {
     # capability (eval-capability)
     "item_set_sha256": "hash of the multiple-choice items",
     "capability_scorer": "how an item is scored",
+    "capability_task_sha256": "lm-eval backend: hash of the harness task configs",
     # methods
     "dpo_beta": "DPO beta",
     "rl_reward": "RL reward function",
