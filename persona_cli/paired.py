@@ -344,9 +344,16 @@ def plot_png(result: dict[str, Any], grouping: str | None = None) -> bytes:
     keys = ("both", "a_only", "b_only", "neither")
     counts = np.array([sum(p["overall"][k] for p in pairs) for k in keys]).reshape(2, 2)
     groups = sorted(set.intersection(*(set(p["groups"][grouping]) for p in pairs)))
-    fig, (left, right) = plt.subplots(
-        1, 2, figsize=(5 + 0.5 * len(groups), 4.2), gridspec_kw={"width_ratios": [1, 2]}
+    across = result["across_pairs"]
+    panels = 3 if across is not None else 2
+    width = max(3.5, 0.45 * len(groups))  # inches per bar panel
+    fig, axes = plt.subplots(
+        1,
+        panels,
+        figsize=(4 + width * (panels - 1), 4.8),
+        gridspec_kw={"width_ratios": [4, width, width][:panels]},
     )
+    left, right = axes[0], axes[1]
     left.imshow(counts, cmap="Blues")
     names = np.array([["both", words["a_only"]], [words["b_only"], "neither"]])
     for (i, j), c in np.ndenumerate(counts):
@@ -370,12 +377,35 @@ def plot_png(result: dict[str, Any], grouping: str | None = None) -> bytes:
         ]
         rates = np.array([e.rate for e in est])
         err = np.array([[e.rate - e.low for e in est], [e.high - e.rate for e in est]])
-        right.bar(x + offset, rates, 0.4, yerr=err, capsize=3, label=side.upper())
+        runs = result["runs"][side]
+        name = Path(runs[0]).name + (f" +{len(runs) - 1} seeds" if len(runs) > 1 else "")
+        right.bar(x + offset, rates, 0.4, yerr=err, capsize=3, label=f"{side.upper()}: {name}")
     right.set_xticks(x, groups, rotation=45, ha="right", fontsize=8)
-    right.set_ylim(0, 1)
-    right.set_ylabel(f"{words['yes']} rate (Wilson 95%)")
+    right.set_xlabel(grouping)
+    right.set_ylim(0, 1.3)
+    right.set_yticks(np.linspace(0, 1, 6))
+    right.set_ylabel(f"{words['yes']} rate (Wilson 95%, pooled)")
     right.set_title(f"{result['kind']}: by {grouping}")
-    right.legend()
+    right.legend(loc="upper left", fontsize=8, ncol=2)
+    if across is not None:
+        seeds_ax = axes[2]
+        summaries = [across["groups"][grouping].get(g) for g in groups]
+        for i, s in enumerate(summaries):
+            if s is None:
+                continue
+            seeds_ax.scatter([i] * len(s["values"]), np.array(s["values"]) * 100, s=12, c="gray")
+            if s["low"] is not None:
+                low, high = 100 * (s["mean"] - s["low"]), 100 * (s["high"] - s["mean"])
+                seeds_ax.errorbar(
+                    i, 100 * s["mean"], yerr=[[low], [high]], fmt="o", capsize=3, color="C0"
+                )
+            else:
+                seeds_ax.plot(i, 100 * s["mean"], "o", color="C0")
+        seeds_ax.axhline(0, color="black", lw=0.8)
+        seeds_ax.set_xticks(x, groups, rotation=45, ha="right", fontsize=8)
+        seeds_ax.set_xlabel(grouping)
+        seeds_ax.set_ylabel(f"B - A (pp): mean, {1 - result['alpha']:.0%} t-interval, seeds")
+        seeds_ax.set_title(f"per seed ({len(pairs)} pairs)")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)

@@ -265,6 +265,12 @@ def test_several_runs_per_side_summarised_across_pairs(
 def test_different_item_sets_refused(runs: dict[str, Path]) -> None:
     code, _, err = _compare(str(runs["base"]), str(runs["moral"]))
     assert code == 3 and "item_set_sha256" in err
+    # declared as the manipulation, the item sets still have to pair up item by item
+    code, _, err = _compare(
+        str(runs["base"]), str(runs["moral"]), "--allow-diff", "item_set_sha256"
+    )
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "its items are not those of" in err and "20 only in A, 0 only in B" in err
 
 
 def _items_file(tmp_path: Path, **changes: object) -> Path:
