@@ -70,15 +70,24 @@ class TaskSpec:
     name: str
     config: dict[str, Any] | None  # None: a registered task or group
     files: dict[str, Path]  # local files read (the YAML, its data files), for the manifest
+    manager: Any  # the harness's TaskManager (indexing the built-in tasks takes a while)
 
 
 def load_task(task: str) -> TaskSpec:
     """`task` as the harness will get it. A path to a YAML is loaded with the harness's own
     loader (so `!function` and `include` work) and its relative `data_files` are resolved
-    against the YAML's folder; anything else is a registered task or group name."""
+    against the YAML's folder; anything else must be a registered task, group or tag name."""
+    from lm_eval.tasks import TaskManager
+
     path = Path(task)
     if path.suffix not in (".yaml", ".yml"):
-        return TaskSpec(task, None, {})
+        manager = TaskManager()
+        if task not in manager.all_tasks:
+            raise UserError(
+                f"--task {task}: not a task, group or tag the harness knows "
+                f"({len(manager.all_tasks)} registered; a local task is a path to a .yaml)"
+            )
+        return TaskSpec(task, None, {}, manager)
     if not path.is_file():
         raise UserError(f"--task {task}: no such task YAML")
     from lm_eval.tasks._yaml_loader import load_yaml
@@ -105,7 +114,7 @@ def load_task(task: str) -> TaskSpec:
             resolved[split] = str(file)
             files[f"data_files.{split}"] = file
         config["dataset_kwargs"] = {**config["dataset_kwargs"], "data_files": resolved}
-    return TaskSpec(str(config["task"]), config, files)
+    return TaskSpec(str(config["task"]), config, files, TaskManager(include_defaults=False))
 
 
 def _guarded_lm(model: Any, tokenizer: Any, system: SystemPrompt, report: TemplateReport, **kw):
@@ -139,23 +148,18 @@ def evaluate(
 ) -> dict[str, Any]:
     """The harness's `simple_evaluate` result (with `samples`) for `task` on `model`."""
     import lm_eval
-    from lm_eval.tasks import TaskManager
 
     lm = _guarded_lm(model, tokenizer, system, report, batch_size=batch_size)
-    manager = TaskManager(include_defaults=task.config is None)
-    try:
-        return lm_eval.simple_evaluate(
-            model=lm,
-            tasks=[task.config if task.config is not None else task.name],
-            task_manager=manager,
-            num_fewshot=num_fewshot,
-            limit=limit,
-            log_samples=True,
-            apply_chat_template=True,
-            bootstrap_iters=0,
-        )
-    except KeyError as e:  # an unknown task name
-        raise UserError(f"--task {task.name}: the harness does not know {e}") from None
+    return lm_eval.simple_evaluate(
+        model=lm,
+        tasks=[task.config if task.config is not None else task.name],
+        task_manager=task.manager,
+        num_fewshot=num_fewshot,
+        limit=limit,
+        log_samples=True,
+        apply_chat_template=True,
+        bootstrap_iters=0,
+    )
 
 
 def _doc_item(doc: dict[str, Any], doc_id: int, task: str, choices: list[str], gold: int):

@@ -144,3 +144,12 @@ def test_bad_task_yaml_is_one_line(tmp_path: Path, yaml: str, message: str) -> N
     r = CliRunner().invoke(app, argv)
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.output
     assert f"{task}: " in r.stderr and message in r.stderr and not out.exists()
+
+
+def test_unknown_task_name_is_one_line(prepared_home: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cap"
+    argv = ["eval-capability", "--backend", "lm-eval", "--task", "no_such_task", "--out", str(out)]
+    r = CliRunner().invoke(app, argv)
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.output
+    assert "--task no_such_task: not a task, group or tag the harness knows" in r.stderr
+    assert not out.exists()
