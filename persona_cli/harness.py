@@ -8,7 +8,8 @@ adapter, so a stack goes through ours), handed to the harness's `HFLM` as an ini
 Prompts go through the same chat template and system-prompt choice as the built-in scorer: the
 harness runs with `apply_chat_template`, and `GuardedHFLM.apply_chat_template` renders its chat
 history with `chat_template.render` (so `--persona` / `--system-prompt` and the guard against an
-injected default system prompt apply unchanged).
+injected default system prompt apply unchanged; a task's description, which the harness would
+send as a system message, opens the first user turn instead: `fold_description`).
 
 The harness's `log_samples` become eval-capability rows: option labels A, B, ... by position,
 `label_logprobs` the harness's log-likelihood of each choice's continuation, the prediction its
@@ -117,6 +118,19 @@ def load_task(task: str) -> TaskSpec:
     return TaskSpec(str(config["task"]), config, files, TaskManager(include_defaults=False))
 
 
+def fold_description(chat_history: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The harness sends a task's `description` (e.g. MMLU's "The following are multiple
+    choice questions ...") as a system message under a chat template; it is put at the start of
+    the first user turn instead, so the system prompt stays the --persona / --system-prompt
+    choice."""
+    if not chat_history or chat_history[0]["role"] != "system":
+        return chat_history
+    description, rest = chat_history[0]["content"], [dict(m) for m in chat_history[1:]]
+    first_user = next(i for i, m in enumerate(rest) if m["role"] == "user")
+    rest[first_user]["content"] = description + rest[first_user]["content"]
+    return rest
+
+
 def _guarded_lm(model: Any, tokenizer: Any, system: SystemPrompt, report: TemplateReport, **kw):
     from lm_eval.models.huggingface import HFLM
 
@@ -126,10 +140,12 @@ def _guarded_lm(model: Any, tokenizer: Any, system: SystemPrompt, report: Templa
         def apply_chat_template(
             self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
         ) -> str:
-            if any(m["role"] == "system" for m in chat_history):
-                raise UserError("the task sets a system prompt; use --persona / --system-prompt")
             return render(
-                tokenizer, chat_history, system, report, add_generation_prompt=add_generation_prompt
+                tokenizer,
+                fold_description(chat_history),
+                system,
+                report,
+                add_generation_prompt=add_generation_prompt,
             )
 
     return GuardedHFLM(pretrained=model, tokenizer=tokenizer, **kw)

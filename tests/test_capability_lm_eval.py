@@ -153,3 +153,19 @@ def test_unknown_task_name_is_one_line(prepared_home: Path, tmp_path: Path) -> N
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.output
     assert "--task no_such_task: not a task, group or tag the harness knows" in r.stderr
     assert not out.exists()
+
+
+def test_task_description_opens_the_first_user_turn() -> None:
+    history = [
+        {"role": "system", "content": "The following are questions.\n\n"},
+        {"role": "user", "content": "Q1?"},
+        {"role": "assistant", "content": "A"},
+        {"role": "user", "content": "Q2?"},
+    ]
+    assert harness.fold_description(history) == [
+        {"role": "user", "content": "The following are questions.\n\nQ1?"},
+        {"role": "assistant", "content": "A"},
+        {"role": "user", "content": "Q2?"},
+    ]
+    assert history[1]["content"] == "Q1?"  # the harness's list is left as it was
+    assert harness.fold_description(history[1:]) == history[1:]
