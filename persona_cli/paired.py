@@ -172,6 +172,8 @@ def compare_pair(
     b = align(a, b)
     rng = np.random.default_rng(seed)
     keep = a.defined & b.defined
+    if not keep.any():
+        raise InputError(b.run, f"no item has an outcome in both {a.run} and {b.run}")
     va, vb = a.values[keep], b.values[keep]
     clusters = [c for c, k in zip(a.clusters, keep, strict=True) if k]
     groups: dict[str, dict[str, Any]] = {}
@@ -185,8 +187,6 @@ def compare_pair(
                 va[mask], vb[mask]
             )
         groups[name] = per
-    if not keep.any():
-        raise InputError(b.run, f"no item has an outcome in both {a.run} and {b.run}")
     overall = paired_delta(va, vb, clusters, rng, n_boot, alpha) | flips(va, vb)
     return {
         "a": a.run,
