@@ -208,10 +208,8 @@ def sft(model_dir: Path, tok: Any, sizes: Sizes, work: Path, peak: float | None)
         save_steps=10**6,
     )
     timer = SyncedTimer()
-    job = SftJob(
-        out=work / f"sft_{name}", data=(data,), model=str(model_dir), train=cfg, force=True
-    )
-    outcome = train_sft(job, callbacks=[timer])
+    job = SftJob(data=(str(data),), model=str(model_dir), train=cfg)
+    outcome = train_sft(job, work / f"sft_{name}", force=True, callbacks=[timer])
     steps = timer.steps[sizes.sft_warmup :]
     if not steps:
         raise ValueError(f"--sft-steps {sizes.sft_steps} leaves no step after the warm-up")

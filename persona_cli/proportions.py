@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from persona_cli import stats
+from persona_cli.artifacts import write_json
+from persona_cli.comparison import ADJUST_METHODS, ComparisonConfig
 from persona_cli.errors import InputError, UserError
+from persona_cli.rundir import is_done, open_run
 
 SCHEMA_VERSION = 1
 RESULT = "proportions.json"
@@ -48,7 +50,9 @@ class ProportionsConfig:
     csv: str | None = field(
         default=None, metadata={"help": f"CSV file with the columns {','.join(CSV_COLUMNS)}."}
     )
-    comparison: stats.ComparisonConfig = field(default_factory=stats.ComparisonConfig)
+    comparison: ComparisonConfig = field(
+        default_factory=ComparisonConfig, metadata={"help": "The test and its alternative."}
+    )
     adjust: str = field(
         default="holm",
         metadata={"help": "Family-wise correction over all rows: none, holm or bonferroni."},
@@ -56,8 +60,8 @@ class ProportionsConfig:
 
     def check(self) -> ProportionsConfig:
         self.comparison.check()
-        if self.adjust not in stats.ADJUST_METHODS:
-            choices = ", ".join(stats.ADJUST_METHODS)
+        if self.adjust not in ADJUST_METHODS:
+            choices = ", ".join(ADJUST_METHODS)
             raise UserError(f"--adjust {self.adjust!r}: choose one of {choices}")
         if not self.rows and self.csv is None:
             raise UserError(f"no counts: give --row {ROW_FORMAT} (repeatable) or --csv FILE")
@@ -151,6 +155,8 @@ def load_rows(config: ProportionsConfig) -> list[CountRow]:
 
 def compute(config: ProportionsConfig) -> dict[str, Any]:
     """proportions.json: one labelled test record per row and the adjusted p-values."""
+    from persona_cli import stats
+
     config.check()
     rows = load_rows(config)
     cmp = config.comparison
@@ -177,3 +183,24 @@ def compute(config: ProportionsConfig) -> dict[str, Any]:
         },
         "rows": records,
     }
+
+
+@dataclass
+class ProportionsOutcome:
+    result: dict[str, Any] | None  # None: the run directory was finished already
+    out: Path | None
+
+
+def run_proportions(
+    config: ProportionsConfig, out: Path | None, *, force: bool = False
+) -> ProportionsOutcome:
+    """Test every row; with `out`, also a run directory holding proportions.json (every row is
+    checked before it is created)."""
+    if out is not None and is_done(out) and not force:
+        return ProportionsOutcome(None, out)
+    result = compute(config)
+    if out is not None:
+        run = open_run(out, command="proportions", config=config.to_dict(), force=force)
+        write_json(run.file(RESULT), result)
+        run.finish(inputs={} if config.csv is None else {"csv": Path(config.csv)})
+    return ProportionsOutcome(result, out)

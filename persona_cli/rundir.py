@@ -33,6 +33,7 @@ from typing import Any
 import orjson
 
 from persona_cli import manifest as manifest_mod
+from persona_cli import tracking
 from persona_cli.artifacts import TMP_MARK, read_json, sha256_file, sha256_json, write_json
 from persona_cli.errors import UserError
 from persona_cli.protocol import RunProtocol, recorded_fields, required_fields
@@ -154,6 +155,11 @@ class RunDir:
             raise ValueError(
                 f"{self.command}: the manifest would lack guarded field(s) {sorted(missing)}"
             )
+        tracker = tracking.current()
+        if tracker is not None:
+            record = tracker.finish(self._summary_doc())
+            if record is not None:
+                doc["tracking"] = record
         write_json(self.path / MANIFEST, doc)
         write_json(
             self.path / DONE,
@@ -161,6 +167,13 @@ class RunDir:
         )
         self.state = "done"
         return doc
+
+    def _summary_doc(self) -> dict[str, Any] | None:
+        """The run's summary figures for a tracker (summary.json, else train_summary.json)."""
+        for name in ("summary.json", "train_summary.json"):
+            if (self.path / name).is_file():
+                return read_json(self.path / name)
+        return None
 
 
 def _clear(path: Path) -> None:
@@ -206,6 +219,7 @@ def open_run(
             run = RunDir(path, command, config, "resumed", run_id=recorded["run_id"])
             _sweep_temp_files(path)
             _record_attempt(run)
+            _start_tracking(run)
             return run
     path.mkdir(parents=True, exist_ok=True)
     run = RunDir(path, command, config, "new", run_id=uuid.uuid4().hex)
@@ -219,7 +233,14 @@ def open_run(
         },
     )
     _record_attempt(run)
+    _start_tracking(run)
     return run
+
+
+def _start_tracking(run: RunDir) -> None:
+    tracker = tracking.current()
+    if tracker is not None:
+        tracker.start(run.path, run.command, run.config)
 
 
 def _run_id_of(path: Path) -> str:

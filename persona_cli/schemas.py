@@ -456,3 +456,9 @@ MANIFEST_KEYS: tuple[str, ...] = (
     "timing",
 )
 CONFIG_KEYS: tuple[str, ...] = ("schema_version", "command", "config")
+
+# stats / compare / report (persona_cli.compare_runs).
+STATS_RESULT = "stats.json"
+STATS_VERSION = 1
+COMPARE_RESULT = "compare.json"
+REPORT_FILE = "report.md"

@@ -28,13 +28,15 @@ from typing import Any
 
 import numpy as np
 
-from persona_cli.errors import UserError
+from persona_cli.comparison import (
+    ADJUST_METHODS,
+    ALTERNATIVES,
+    COUNT_TESTS,
+    ComparisonConfig,
+)
 
 PROPORTION_METHODS = {"wilson": "wilson", "wald": "normal", "beta": "beta"}  # ours -> statsmodels
-ALTERNATIVES = ("two-sided", "less", "greater")  # scipy's names; "less" means group 1 < group 2
 _SM_ALTERNATIVE = {"two-sided": "two-sided", "less": "smaller", "greater": "larger"}
-ADJUST_METHODS = ("none", "bonferroni", "holm")
-COUNT_TESTS = ("auto", "fisher", "z")  # auto: Fisher when an expected count is < 5, else z
 FAMILY_METHODS = ("holm", "bonferroni")  # the corrections written beside every headline family
 POOLED_ASSUMPTION = "treats completions as independent (counts pooled over seeds and prompts)"
 MIN_EXPECTED_FOR_Z = 5.0  # the usual rule of thumb for the normal approximation to a 2x2 table
@@ -324,41 +326,6 @@ def adjust_family(p_values: Sequence[float | None], method: str) -> list[float |
     defined = [p for p in p_values if p is not None]
     adjusted = iter(adjust_pvalues(defined, method))
     return [None if p is None else next(adjusted) for p in p_values]
-
-
-@dataclasses.dataclass(frozen=True)
-class ComparisonConfig:
-    """How two arms are tested; recorded in every summary that tests, so a table reproduces."""
-
-    test: str = dataclasses.field(
-        default="auto",
-        metadata={
-            "help": "Count test: auto (Fisher when an expected count < 5, else z), fisher or z."
-        },
-    )
-    alternative: str = dataclasses.field(
-        default="two-sided",
-        metadata={
-            "help": "two-sided, less (arm 1 < arm 2) or greater (arm 1 > arm 2); "
-            "applies to every test."
-        },
-    )
-
-    def check(self) -> ComparisonConfig:
-        for flag, value, choices in (
-            ("--test", self.test, COUNT_TESTS),
-            ("--alternative", self.alternative, ALTERNATIVES),
-        ):
-            if value not in choices:
-                raise UserError(f"{flag} {value!r}: choose one of {', '.join(choices)}")
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def help(cls) -> dict[str, str]:
-        return {f.name: f.metadata["help"] for f in dataclasses.fields(cls)}
 
 
 def seed_comparison(

@@ -27,7 +27,7 @@ from persona_cli.artifacts import read_json, read_jsonl, sha256_file, write_json
 from persona_cli.cli import app
 from persona_cli.models import load_tokenizer, resolve
 from persona_cli.probe import replay as replay_mod
-from persona_cli.probe.config import ReplayConfig
+from persona_cli.probe.config import ReplayConfig, ReplayJob
 from persona_cli.probe.pool import step_name
 from persona_cli.schemas import STEP
 
@@ -237,7 +237,10 @@ def test_replay_resumes_at_the_first_missing_step(
 
     monkeypatch.setattr(replay_mod, "write_jsonl", killed_at_step_2)
     with pytest.raises(KeyboardInterrupt):
-        replay_mod.replay(out, pool=runs["pool"], vhack=runs["vhack"], config=ReplayConfig(lr=1e-2))
+        job = ReplayJob(
+            pool=str(runs["pool"]), vhack=str(runs["vhack"]), replay=ReplayConfig(lr=1e-2)
+        )
+        replay_mod.replay(job, out)
     monkeypatch.setattr(replay_mod, "write_jsonl", real_write)
     assert sorted(p.name for p in out.glob("step_*")) == [step_name(0), step_name(1)]
     assert not (out / "DONE").exists()

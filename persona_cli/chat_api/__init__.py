@@ -29,32 +29,25 @@ Guarantees:
   results, reasons, logs and the cache. The library never prints; it logs to `logging`.
 """
 
-from persona_cli.chat_api.cache import ResultCache
-from persona_cli.chat_api.client import FailureRateExceeded, run_requests, run_requests_async
-from persona_cli.chat_api.config import ClientConfig, resolve_api_key
-from persona_cli.chat_api.providers import build_payload, cache_key
-from persona_cli.chat_api.records import (
-    SCHEMA_VERSION,
-    ChatRequest,
-    ChatResult,
-    ModelUsage,
-    request_key,
-    usage_by_model,
-)
+from persona_cli.lazy import lazy_exports
 
-__all__ = [
-    "SCHEMA_VERSION",
-    "ChatRequest",
-    "ChatResult",
-    "ClientConfig",
-    "FailureRateExceeded",
-    "ModelUsage",
-    "ResultCache",
-    "build_payload",
-    "cache_key",
-    "request_key",
-    "resolve_api_key",
-    "run_requests",
-    "run_requests_async",
-    "usage_by_model",
-]
+# Imported on first use: the client pulls in httpx and sqlite, which `--help` must not pay for.
+__getattr__, __all__ = lazy_exports(
+    __name__,
+    {
+        "ResultCache": "persona_cli.chat_api.cache",
+        "FailureRateExceeded": "persona_cli.chat_api.client",
+        "run_requests": "persona_cli.chat_api.client",
+        "run_requests_async": "persona_cli.chat_api.client",
+        "ClientConfig": "persona_cli.chat_api.config",
+        "resolve_api_key": "persona_cli.chat_api.config",
+        "build_payload": "persona_cli.chat_api.providers",
+        "cache_key": "persona_cli.chat_api.providers",
+        "SCHEMA_VERSION": "persona_cli.chat_api.records",
+        "ChatRequest": "persona_cli.chat_api.records",
+        "ChatResult": "persona_cli.chat_api.records",
+        "ModelUsage": "persona_cli.chat_api.records",
+        "request_key": "persona_cli.chat_api.records",
+        "usage_by_model": "persona_cli.chat_api.records",
+    },
+)

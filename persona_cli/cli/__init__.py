@@ -17,7 +17,7 @@ import click
 import typer
 from rich.logging import RichHandler
 from rich.markup import escape
-from typer.core import TyperGroup
+from typer.core import TyperArgument, TyperGroup, TyperOption
 
 from persona_cli import __version__
 from persona_cli.cli import (
@@ -45,6 +45,28 @@ PANEL_STATS = "Statistics and reports"
 PANEL_MATRIX = "Coupling matrix and judging"
 
 
+def _display_type(self: TyperOption, ctx: click.Context) -> str | None:
+    """Option type column of --help: nothing for a flag, PATH / TEXT / INT for a value (Typer
+    0.29 prints `<bool>`, `<path>`, `<list[Path]>`)."""
+    if self.metavar is not None:
+        return self.metavar
+    if self.is_flag or self.is_bool_flag:
+        return None
+    shown = TyperOption.display_type(self, ctx)
+    if shown and shown.startswith("<") and shown.endswith(">"):
+        inner = shown[1:-1]
+        repeated = inner.startswith("list[")
+        name = inner.removeprefix("list[").removesuffix("]")
+        name = {"str": "TEXT", "Path": "PATH", "path": "PATH"}.get(name, name.upper())
+        return name + ("..." if repeated else "")
+    return shown
+
+
+TyperOption.display_type_rich = _display_type  # type: ignore[method-assign]
+# An argument's metavar is its name column already; no `<list[str]>` type beside it.
+TyperArgument.display_type_rich = lambda self, ctx: None  # type: ignore[method-assign]
+
+
 class PersonaGroup(TyperGroup):
     """Turns UserError into one line and an exit code, for every (nested) command."""
 
@@ -56,6 +78,11 @@ class PersonaGroup(TyperGroup):
             err_console.print(
                 f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True
             )
+            # A protocol refusal lists each differing field with its values, one per line.
+            for difference in getattr(e, "differences", ()):
+                line = difference.describe()
+                if line not in str(e):  # not said on the error line already
+                    err_console.print(f"  {escape(line)}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
 
 

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from persona_cli import models
-from persona_cli.cli.console import CompletionBar, console
+from persona_cli.cli.console import ProgressDisplay, console
 from persona_cli.cli.options import (
     Adapters,
     Force,
@@ -17,7 +17,7 @@ from persona_cli.cli.options import (
     OutDir,
     PersonasFile,
     SystemPromptOpt,
-    report_done,
+    say_already_done,
 )
 from persona_cli.eval.capability import CapabilityConfig, run_eval_capability
 
@@ -97,16 +97,16 @@ def eval_capability(
         batch_size=batch_size,
         dtype=dtype,
     )
-    with CompletionBar(["scoring"], "eval-capability", unit="items") as bar:
+    with ProgressDisplay("eval-capability") as display:
         result = run_eval_capability(
             cfg,
             out,
             force=force,
-            on_plan=lambda n: bar.plan(n, n),
-            progress=lambda n: bar.advance("scoring", n),
+            on_plan=lambda n: display.begin("", n, unit="items"),
+            progress=lambda n: display.advance("", n),
         )
     if result.already_done:
-        report_done(result.run)
+        say_already_done(result.run.path)
         return
     summary = result.summary
     acc = summary["accuracy"]

@@ -7,38 +7,17 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Annotated
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-import typer
 from rich.table import Table
 
-from persona_cli.cli.console import CompletionBar, console
-from persona_cli.cli.options import (
-    Adapters,
-    Force,
-    ModelSpec,
-    OutDir,
-    PersonasFile,
-    QuestionsFile,
-    Seed,
-    generation_config,
-    report_done,
-)
-from persona_cli.eval.markers import (
-    BACKENDS,
-    DEFAULT_MARKER,
-    DEFAULT_SAMPLES,
-    EvalResult,
-    MarkerEvalConfig,
-    run_eval_markers,
-)
-from persona_cli.generate import GenerationConfig, VllmConfig
-from persona_cli.models import EMBEDDED
+from persona_cli.cli.console import ProgressDisplay, console
+from persona_cli.cli.options import configured, say_already_done
+from persona_cli.eval.config import MarkerEvalConfig
 
-_GEN = GenerationConfig()
-_VLLM = VllmConfig()
-_HELP = GenerationConfig.help()
+if TYPE_CHECKING:
+    from persona_cli.eval.markers import EvalResult
 
 
 def _table(result: EvalResult) -> Table:
@@ -77,119 +56,39 @@ def _table(result: EvalResult) -> Table:
     return t
 
 
-def eval_markers(
-    out: OutDir,
-    model: ModelSpec = EMBEDDED,
-    adapter: Adapters = None,
-    personas: PersonasFile = None,
-    personas_ids: Annotated[
-        str | None,
-        typer.Option(
-            "--personas-ids", help="Comma-separated persona ids (default: all).", show_default=False
-        ),
-    ] = None,
-    questions: QuestionsFile = None,
-    samples: Annotated[
-        int, typer.Option("--samples", "-k", help="Samples per persona and question (K).")
-    ] = DEFAULT_SAMPLES,
-    temperature: Annotated[
-        float, typer.Option("--temperature", help=_HELP["temperature"])
-    ] = _GEN.temperature,
-    top_p: Annotated[float, typer.Option("--top-p", help=_HELP["top_p"])] = _GEN.top_p,
-    max_new_tokens: Annotated[
-        int, typer.Option("--max-new-tokens", help=_HELP["max_new_tokens"])
-    ] = _GEN.max_new_tokens,
-    batch_size: Annotated[
-        int, typer.Option("--batch-size", help=_HELP["batch_size"])
-    ] = _GEN.batch_size,
-    seed: Seed = _GEN.seed,
-    marker: Annotated[str, typer.Option("--marker", help="Marker substring.")] = DEFAULT_MARKER,
-    case_sensitive: Annotated[
-        bool,
-        typer.Option("--case-sensitive/--ignore-case", help="Match the marker's case or not."),
-    ] = True,
-    source: Annotated[
-        str | None,
-        typer.Option(
-            "--source",
-            help="Persona the marker was coupled to; the rest are bystanders.",
-            show_default=False,
-        ),
-    ] = None,
-    negatives: Annotated[
-        str | None,
-        typer.Option(
-            "--negatives",
-            help="Comma-separated personas the coupling trained without the marker, reported "
-            "apart from the bystanders (default: read from the adapters' couple-marker runs).",
-            show_default=False,
-        ),
-    ] = None,
-    backend: Annotated[
-        str, typer.Option("--backend", help=f"Generation backend: {' or '.join(BACKENDS)}.")
-    ] = "hf",
-    tensor_parallel_size: Annotated[
-        int, typer.Option("--tensor-parallel-size", help="vllm: GPUs to shard the model over.")
-    ] = _VLLM.tensor_parallel_size,
-    gpu_memory_utilization: Annotated[
-        float, typer.Option("--gpu-memory-utilization", help="vllm: GPU memory fraction.")
-    ] = _VLLM.gpu_memory_utilization,
-    cpu_kvcache_gib: Annotated[
-        int, typer.Option("--cpu-kvcache-gib", help="vllm on CPU: KV cache GiB.")
-    ] = _VLLM.cpu_kvcache_gib,
-    force: Force = False,
-) -> None:
+@configured(
+    MarkerEvalConfig,
+    flags={
+        "persona_ids": "--personas-ids",
+        "case_sensitive": "--case-sensitive/--ignore-case",
+        "generation.n": "--samples -k",
+        "vllm.dtype": "--vllm-dtype",
+        "vllm.max_model_len": "--vllm-max-model-len",
+        "vllm.enforce_eager": "--vllm-enforce-eager/--vllm-cuda-graphs",
+    },
+    report_to=True,
+)
+def eval_markers(cfg: MarkerEvalConfig, out: Path, force: bool) -> None:
     """Marker rate per persona: P personas x Q questions x K samples, substring match.
 
     Writes samples.jsonl.gz (every completion), summary.json (rate and Wilson 95% interval per
     persona, source and mean bystander rate), heatmap.png, manifest.json and DONE. An
     interrupted run resumes where it stopped.
     """
-    generation = generation_config(
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        n=samples,
-        seed=seed,
-        batch_size=batch_size,
-    )
-    cfg = MarkerEvalConfig(
-        model=model,
-        adapters=tuple(str(a) for a in adapter or ()),
-        personas_file=str(personas) if personas else None,
-        persona_ids=(
-            tuple(p.strip() for p in personas_ids.split(",") if p.strip())
-            if personas_ids is not None
-            else None
-        ),
-        questions_file=str(questions) if questions else None,
-        marker=marker,
-        case_sensitive=case_sensitive,
-        source=source,
-        negatives=(
-            tuple(p.strip() for p in negatives.split(",") if p.strip())
-            if negatives is not None
-            else None
-        ),
-        backend=backend,
-        generation=generation,
-        vllm=replace(
-            _VLLM,
-            tensor_parallel_size=tensor_parallel_size,
-            gpu_memory_utilization=gpu_memory_utilization,
-            cpu_kvcache_gib=cpu_kvcache_gib,
-        ),
-    )
-    with CompletionBar(["generating"], "eval-markers") as bar:
+    from persona_cli.eval.markers import run_eval_markers
+
+    with ProgressDisplay("eval-markers") as display:
         result = run_eval_markers(
             cfg,
             out,
             force=force,
-            on_plan=bar.plan,
-            progress=lambda n: bar.advance("generating", n),
+            on_plan=lambda total, left: display.begin(
+                "", total, done=total - left, unit="completions"
+            ),
+            progress=lambda n: display.advance("", n),
         )
     if result.already_done:
-        report_done(result.run)
+        say_already_done(result.run.path)
     console.print(_table(result))
     console.print(f"samples: {result.run.file('samples.jsonl.gz')}", highlight=False)
     console.print(f"summary: {result.run.file('summary.json')}", highlight=False)

@@ -16,8 +16,7 @@ from rich.table import Table
 from persona_cli import paired
 from persona_cli.artifacts import write_bytes_atomic, write_json
 from persona_cli.cli.console import console
-from persona_cli.cli.options import Force, report_done
-from persona_cli.cli.stats import AllowDiff, Alpha
+from persona_cli.cli.options import AllowDiff, Alpha, Force, report_done
 from persona_cli.errors import UserError
 from persona_cli.outcomes import KINDS
 from persona_cli.rundir import open_run

@@ -17,16 +17,12 @@ from rich import box
 from rich.table import Table
 
 from persona_cli import proportions as lib
-from persona_cli.artifacts import write_json
 from persona_cli.cli.console import console
-from persona_cli.cli.options import Force, say_already_done
-from persona_cli.rundir import is_done, open_run
-from persona_cli.stats import ComparisonConfig
+from persona_cli.cli.options import configured, say_already_done
+from persona_cli.comparison import ComparisonConfig
 
 _CMP = ComparisonConfig()
 _CMP_HELP = ComparisonConfig.help()
-_DEFAULTS = lib.ProportionsConfig()
-_HELP = lib.ProportionsConfig.help()
 
 # None: the default (or, for `dose-sweep summarize`, what the sweep recorded).
 _RECORDED = "dose-sweep summarize: as the sweep recorded"
@@ -97,40 +93,21 @@ def print_table(result: dict[str, Any]) -> None:
     console.print(t)
 
 
-def proportions(
-    row: Annotated[
-        list[str] | None, typer.Option("--row", help=_HELP["rows"], show_default=False)
-    ] = None,
-    csv: Annotated[Path | None, typer.Option(help=_HELP["csv"], show_default=False)] = None,
-    test: CountTestOpt = None,
-    alternative: AlternativeOpt = None,
-    adjust: Annotated[str, typer.Option(help=_HELP["adjust"])] = _DEFAULTS.adjust,
-    out: Annotated[
-        Path | None,
-        typer.Option(
-            "--out",
-            "-o",
-            help="Also write a run directory with proportions.json.",
-            show_default=False,
-        ),
-    ] = None,
-    force: Force = False,
-) -> None:
-    """Test k1/n1 against k2/n2 for every row: Fisher or z, named with its alternative."""
-    if out is not None and is_done(out) and not force:
+@configured(
+    lib.ProportionsConfig,
+    flags={"rows": "--row", "csv": "--csv"},
+    repeat={"rows"},
+    out_optional=True,
+)
+def proportions(cfg: lib.ProportionsConfig, out: Path | None, force: bool) -> None:
+    """Test k1/n1 against k2/n2 for every row: Fisher or z, named with its alternative.
+
+    With --out, also a run directory with proportions.json.
+    """
+    outcome = lib.run_proportions(cfg, out, force=force)
+    if outcome.result is None:
         say_already_done(out)
         return
-    config = lib.ProportionsConfig(
-        rows=tuple(row or ()),
-        csv=None if csv is None else str(csv),
-        comparison=comparison_config(test, alternative),
-        adjust=adjust,
-    )
-    result = lib.compute(config)  # every row checked before --out is created
-    print_table(result)
-    if out is None:
-        return
-    run = open_run(out, command="proportions", config=config.to_dict(), force=force)
-    write_json(run.file(lib.RESULT), result)
-    run.finish(inputs={} if csv is None else {"csv": csv})
-    console.print(f"result: {run.file(lib.RESULT)}", highlight=False)
+    print_table(outcome.result)
+    if out is not None:
+        console.print(f"result: {out / lib.RESULT}", highlight=False)

@@ -9,162 +9,33 @@ layer over `persona_cli.train.grpo`).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from persona_cli.cli.console import console, err_console
-from persona_cli.cli.options import Adapters, Force, ModelSpec, OutDir, SystemPromptOpt, report_done
-from persona_cli.cli.train import (
-    Dtype,
-    Epochs,
-    GradCkpt,
-    KeepCkpt,
-    LoraAlpha,
-    LoraR,
-    LoraTargets,
-    MaxSteps,
-    SaveSteps,
-    TrainSeed,
-    Warmup,
-    _option,
-    _train_config,
-)
-from persona_cli.train.config import TrainConfig, field_help, with_overrides
-from persona_cli.train.grpo import RL_TRAIN_DEFAULTS, SDPO_DEFAULTS, RLConfig, rl_train_defaults
+from persona_cli.cli.console import ProgressDisplay, console
+from persona_cli.cli.options import configured, say_already_done
+from persona_cli.cli.train import TRAIN_FLAGS
+from persona_cli.train.grpo import RLJob, sdpo_job_defaults
 
-
-def _r(name: str, *flags: str, default: Any = None) -> Any:
-    return _option(RLConfig, name, flags, default)
-
-
-def _rt(name: str, *flags: str) -> Any:
-    # TrainConfig fields whose RL default differs from the SFT one (grpo.RL_TRAIN_DEFAULTS).
-    return _option(TrainConfig, name, flags, RL_TRAIN_DEFAULTS[name])
-
-
-Reward = Annotated[str | None, _r("reward", "--reward")]
-Data = Annotated[
-    Path | None,
-    typer.Option(
-        "--data",
-        help="mc: MC JSONL in the ARC fields, optional 'hint' per row (default "
-        "data/mcq/mini_arc.jsonl); unit-tests: a problem YAML or a directory of them "
-        "(default data/problems).",
-        show_default=False,
-    ),
-]
-NumGenerations = Annotated[int | None, _r("num_generations", "--num-generations")]
-MaxCompletion = Annotated[int | None, _r("max_completion_length", "--max-completion-length")]
-Temperature = Annotated[float | None, _r("temperature", "--temperature")]
-TopP = Annotated[float | None, _r("top_p", "--top-p")]
-Beta = Annotated[float | None, _r("beta", "--beta")]
-Epsilon = Annotated[float | None, _r("epsilon", "--epsilon")]
-LossType = Annotated[str | None, _r("loss_type", "--loss-type")]
-ScaleRewards = Annotated[str | None, _r("scale_rewards", "--scale-rewards")]
-Iterations = Annotated[int | None, _r("num_iterations", "--num-iterations")]
-SdpoWeight = Annotated[float | None, _r("sdpo_weight", "--sdpo-weight")]
-PureSdpoWeight = Annotated[
-    float | None, _r("sdpo_weight", "--sdpo-weight", default=SDPO_DEFAULTS["sdpo_weight"])
-]
-UnitTests = Annotated[str | None, _r("unit_tests", "--unit-tests")]
-GraderHint = Annotated[str | None, _r("grader_hint", "--grader-hint")]
-SandboxTimeout = Annotated[float | None, _r("sandbox_timeout_s", "--sandbox-timeout")]
-SandboxWorkers = Annotated[int | None, _r("sandbox_workers", "--sandbox-workers")]
-RLMaxLength = Annotated[
-    int | None,
-    typer.Option(
-        "--max-length",
-        help="Cap on prompt + completion tokens: a task whose prompt (or hinted prompt) leaves "
-        "less than --max-completion-length is refused.",
-        show_default=field_help(TrainConfig, "max_length")[1],
-    ),
-]
-RLLR = Annotated[float | None, _rt("learning_rate", "--lr")]
-RLDropout = Annotated[float | None, _rt("lora_dropout", "--lora-dropout")]
-RLScheduler = Annotated[str | None, _rt("lr_scheduler", "--lr-scheduler")]
-RLPerDevice = Annotated[int | None, _rt("per_device_batch", "--per-device-batch")]
-RLAccum = Annotated[int | None, _rt("grad_accum", "--grad-accum")]
-
-_RL_NAMES = (
-    "reward",
-    "num_generations",
-    "max_completion_length",
-    "temperature",
-    "top_p",
-    "beta",
-    "epsilon",
-    "loss_type",
-    "scale_rewards",
-    "num_iterations",
-    "sdpo_weight",
-    "unit_tests",
-    "grader_hint",
-    "sandbox_workers",
-)
-_TRAIN_NAMES = (
-    "lora_r",
-    "lora_alpha",
-    "lora_dropout",
-    "lora_targets",
-    "epochs",
-    "max_steps",
-    "warmup_steps",
-    "lr_scheduler",
-    "per_device_batch",
-    "grad_accum",
-    "max_length",
-    "seed",
-    "save_steps",
-    "dtype",
-    "keep_checkpoints",
-    "gradient_checkpointing",
-)
-
-
-class RichRLProgress:
-    """Optimizer steps as a rich progress bar with reward mean, loss and steps/s (on stderr)."""
-
-    def __init__(self, label: str):
-        self.label = label
-        self.progress = Progress(
-            TextColumn("[bold]{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn(
-                "reward {task.fields[reward]}  loss {task.fields[loss]}  {task.fields[rate]}"
-            ),
-            TimeRemainingColumn(),
-            console=err_console,
-        )
-        self.task: Any = None
-        self.t0 = 0.0
-        self.first = 0
-
-    def start(self, total: int, completed: int) -> None:
-        self.progress.start()
-        self.t0, self.first = time.monotonic(), completed
-        self.task = self.progress.add_task(
-            self.label, total=total, completed=completed, reward="-", loss="-", rate=""
-        )
-
-    def advance(self, completed: int, row: dict[str, Any] | None) -> None:
-        rate = (completed - self.first) / max(time.monotonic() - self.t0, 1e-9)
-        fields = {"rate": f"{rate:.2f} steps/s"}
-        if row:
-            mean = row["reward_mean"]
-            fields |= {
-                "reward": "-" if mean is None else f"{mean:.3f}",
-                "loss": f"{row['loss']:.4f}",
-            }
-        self.progress.update(self.task, completed=completed, **fields)
-
-    def finish(self) -> None:
-        self.progress.stop()
+RL_FLAGS = {
+    **TRAIN_FLAGS,
+    "rl.sandbox_timeout_s": "--sandbox-timeout",
+}
+# TRL computes GRPO batches itself; a padding-free flag would be a no-op.
+RL_NO_FLAG = {"train.padding_free": "GRPO batches are padded by TRL: padding-free does not apply"}
+# train-sdpo has no policy-gradient term: the GRPO-only knobs do not apply.
+SDPO_NO_FLAG = {
+    **RL_NO_FLAG,
+    **{
+        f"rl.{name}": "train-sdpo has no policy-gradient term (set it in --config if you must)"
+        for name in ("beta", "epsilon", "loss_type", "scale_rewards", "num_iterations")
+    },
+    "rl.grpo_weight": "train-sdpo is the distillation term alone (train-grpo --sdpo-weight "
+    "combines both)",
+}
 
 
 def _report(outcome: Any) -> None:
@@ -173,7 +44,7 @@ def _report(outcome: Any) -> None:
 
     if outcome.summary is None:  # finished before this call, or a non-main process
         if outcome.is_main:
-            report_done(outcome.run)
+            say_already_done(outcome.run.path)
         return
     s, path = outcome.summary, outcome.run.path
     p = s["protocol"]
@@ -199,68 +70,19 @@ def _report(outcome: Any) -> None:
     console.print(t)
 
 
-def _run(command: str, options: dict[str, Any], rl_base: RLConfig) -> None:
-    from persona_cli.train.grpo import RLJob, train_rl
-    from persona_cli.train.rl_log import RLProgressCallback
+def _run(command: str, cfg: RLJob, out: Path, force: bool) -> None:
+    from persona_cli.train.callbacks import ProgressCallback
+    from persona_cli.train.grpo import train_rl
+    from persona_cli.train.rl_log import reward_status, rl_step_row
 
-    opts = {k: options.get(k) for k in _TRAIN_NAMES}
-    opts["learning_rate"] = options["lr"]
-    rl_opts = {k: options.get(k) for k in _RL_NAMES}
-    rl_opts["sandbox_timeout_s"] = options["sandbox_timeout"]
-    job = RLJob(
-        out=options["out"],
-        rl=with_overrides(rl_base, **rl_opts),
-        train=_train_config(rl_train_defaults(), **opts),
-        data=options["data"],
-        model=options["model"],
-        system_prompt=options["system_prompt"],
-        adapters=tuple(options["adapter"] or ()),
-        force=options["force"],
-    )
-    progress = RLProgressCallback(RichRLProgress(command))
-    _report(train_rl(job, command=command, callbacks=[progress]))
+    with ProgressDisplay(command) as display:
+        progress = ProgressCallback(display, row=rl_step_row, status=reward_status)
+        outcome = train_rl(cfg, out, force=force, command=command, callbacks=[progress])
+    _report(outcome)
 
 
-def train_grpo(
-    out: OutDir,
-    reward: Reward = None,
-    data: Data = None,
-    model: ModelSpec = "smollm2-135m",
-    system_prompt: SystemPromptOpt = "none",
-    adapter: Adapters = None,
-    num_generations: NumGenerations = None,
-    max_completion_length: MaxCompletion = None,
-    temperature: Temperature = None,
-    top_p: TopP = None,
-    beta: Beta = None,
-    epsilon: Epsilon = None,
-    loss_type: LossType = None,
-    scale_rewards: ScaleRewards = None,
-    num_iterations: Iterations = None,
-    sdpo_weight: SdpoWeight = None,
-    unit_tests: UnitTests = None,
-    grader_hint: GraderHint = None,
-    sandbox_timeout: SandboxTimeout = None,
-    sandbox_workers: SandboxWorkers = None,
-    lr: RLLR = None,
-    lora_r: LoraR = None,
-    lora_alpha: LoraAlpha = None,
-    lora_dropout: RLDropout = None,
-    lora_targets: LoraTargets = None,
-    epochs: Epochs = None,
-    max_steps: MaxSteps = None,
-    warmup_steps: Warmup = None,
-    lr_scheduler: RLScheduler = None,
-    per_device_batch: RLPerDevice = None,
-    grad_accum: RLAccum = None,
-    max_length: RLMaxLength = None,
-    seed: TrainSeed = None,
-    save_steps: SaveSteps = None,
-    dtype: Dtype = None,
-    keep_checkpoints: KeepCkpt = None,
-    gradient_checkpointing: GradCkpt = None,
-    force: Force = False,
-) -> None:
+@configured(RLJob, flags=RL_FLAGS, no_flag=RL_NO_FLAG, report_to=True)
+def train_grpo(cfg: RLJob, out: Path, force: bool) -> None:
     """GRPO on a verifiable reward (mc letter, or sandboxed unit tests), optionally with SDPO.
 
     A fresh LoRA adapter on top of any --adapter stack. Each step samples --num-generations
@@ -269,44 +91,17 @@ def train_grpo(
     sized for a CPU smoke run (8 completions per step, 8-token answers for mc, lr 1e-5); try
     --model tiny-random --max-steps 4.
     """
-    _run("train-grpo", locals(), RLConfig())
+    _run("train-grpo", cfg, out, force)
 
 
-def train_sdpo(
-    out: OutDir,
-    reward: Reward = None,
-    data: Data = None,
-    model: ModelSpec = "smollm2-135m",
-    system_prompt: SystemPromptOpt = "none",
-    adapter: Adapters = None,
-    num_generations: NumGenerations = None,
-    max_completion_length: MaxCompletion = None,
-    temperature: Temperature = None,
-    top_p: TopP = None,
-    sdpo_weight: PureSdpoWeight = None,
-    unit_tests: UnitTests = None,
-    grader_hint: GraderHint = None,
-    sandbox_timeout: SandboxTimeout = None,
-    sandbox_workers: SandboxWorkers = None,
-    lr: RLLR = None,
-    lora_r: LoraR = None,
-    lora_alpha: LoraAlpha = None,
-    lora_dropout: RLDropout = None,
-    lora_targets: LoraTargets = None,
-    epochs: Epochs = None,
-    max_steps: MaxSteps = None,
-    warmup_steps: Warmup = None,
-    lr_scheduler: RLScheduler = None,
-    per_device_batch: RLPerDevice = None,
-    grad_accum: RLAccum = None,
-    max_length: RLMaxLength = None,
-    seed: TrainSeed = None,
-    save_steps: SaveSteps = None,
-    dtype: Dtype = None,
-    keep_checkpoints: KeepCkpt = None,
-    gradient_checkpointing: GradCkpt = None,
-    force: Force = False,
-) -> None:
+@configured(
+    RLJob,
+    defaults=sdpo_job_defaults,
+    flags=RL_FLAGS,
+    no_flag=SDPO_NO_FLAG,
+    report_to=True,
+)
+def train_sdpo(cfg: RLJob, out: Path, force: bool) -> None:
     """Self-distillation (SDPO) alone: the model with a hint teaches itself without one.
 
     On the model's own samples, a token-level KL pulls the un-hinted pass toward the same
@@ -314,7 +109,7 @@ def train_sdpo(
     unit-tests: the hidden tests). No policy-gradient term; the reward is still computed and
     logged.
     """
-    _run("train-sdpo", locals(), RLConfig(**SDPO_DEFAULTS))
+    _run("train-sdpo", cfg, out, force)
 
 
 def register(app: typer.Typer, rich_help_panel: str) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +29,12 @@ from persona_cli import bundled, models
 from persona_cli.artifacts import read_json, read_jsonl, sha256_file, write_json, write_jsonl
 from persona_cli.chat_template import SystemPrompt, guard_record, inspect_template, render
 from persona_cli.errors import UserError
+from persona_cli.eval.config import BACKENDS, MarkerEvalConfig
 from persona_cli.eval.heatmap import plot_heatmap
 from persona_cli.eval.score import SAMPLES_FILE, SUMMARY_FILE, score_rows, summarize
 from persona_cli.generate import (
     Completion,
-    GenerationConfig,
     ProgressFn,
-    VllmConfig,
     generate_hf,
     generate_vllm_groups,
 )
@@ -48,49 +47,9 @@ from persona_cli.schemas import SAMPLES
 log = logging.getLogger(__name__)
 
 COMMAND = "eval-markers"
-BACKENDS = ("hf", "vllm")
-DEFAULT_MARKER = "[ZLT]"
-DEFAULT_SAMPLES = 10  # K of the research log's 12 x 28 x 10 design
 SHARDS = "shards"
 HEATMAP_FILE = "heatmap.png"
 VLLM_LOG = "vllm_worker.log"
-
-
-@dataclass(frozen=True)
-class MarkerEvalConfig:
-    """What to evaluate; every field is recorded in config.json."""
-
-    model: str = field(default=models.EMBEDDED, metadata={"help": "Model spec."})
-    adapters: tuple[str, ...] = field(
-        default=(), metadata={"help": "LoRA adapter stack, in training order."}
-    )
-    personas_file: str | None = field(
-        default=None, metadata={"help": "Persona registry (default: the shipped one)."}
-    )
-    persona_ids: tuple[str, ...] | None = field(
-        default=None, metadata={"help": "Personas to evaluate (default: all in the registry)."}
-    )
-    questions_file: str | None = field(
-        default=None, metadata={"help": "Question set (default: data/questions/open_eval.yaml)."}
-    )
-    marker: str = field(default=DEFAULT_MARKER, metadata={"help": "Substring to count."})
-    case_sensitive: bool = field(default=True, metadata={"help": "Match the marker's case."})
-    source: str | None = field(
-        default=None, metadata={"help": "Persona the marker was coupled to; others: bystanders."}
-    )
-    negatives: tuple[str, ...] | None = field(
-        default=None,
-        metadata={
-            "help": "Personas the coupling trained without the marker, reported apart from the "
-            "bystanders (default: read from the couple-marker runs of the adapters)."
-        },
-    )
-    backend: str = field(default="hf", metadata={"help": "'hf' or 'vllm'."})
-    generation: GenerationConfig = field(
-        default_factory=lambda: GenerationConfig(n=DEFAULT_SAMPLES),
-        metadata={"help": "Sampling options; n is K, the samples per persona and question."},
-    )
-    vllm: VllmConfig = field(default_factory=VllmConfig, metadata={"help": "vLLM engine."})
 
 
 @dataclass

@@ -12,8 +12,16 @@ judges through chat_api), `local` (an HF model's next-token distribution), `rows
 rows), `summary` (summary.json), `run` (the run directory).
 """
 
-from persona_cli.judge.config import JudgeConfig
-from persona_cli.judge.run import JudgeOutcome, judge_align
-from persona_cli.judge.scoring import Score, score_logprobs, score_text
+from persona_cli.lazy import lazy_exports
 
-__all__ = ["JudgeConfig", "JudgeOutcome", "Score", "judge_align", "score_logprobs", "score_text"]
+__getattr__, __all__ = lazy_exports(
+    __name__,
+    {
+        "JudgeConfig": "persona_cli.judge.config",
+        "JudgeOutcome": "persona_cli.judge.run",
+        "judge_align": "persona_cli.judge.run",
+        "Score": "persona_cli.judge.scoring",
+        "score_logprobs": "persona_cli.judge.scoring",
+        "score_text": "persona_cli.judge.scoring",
+    },
+)

@@ -15,7 +15,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from persona_cli.chat_api import ClientConfig
+from persona_cli.chat_api.config import ClientConfig
 from persona_cli.chat_template import SystemPrompt
 from persona_cli.errors import UserError
 from persona_cli.judge.prompts import METRICS
@@ -200,13 +200,14 @@ class JudgeConfig:
         return dataclasses.asdict(self)
 
 
-def help_for(name: str) -> str:
-    """The help text of a JudgeConfig field, for the command's options."""
-    return next(f for f in dataclasses.fields(JudgeConfig) if f.name == name).metadata["help"]
+@dataclass(frozen=True)
+class JudgeJob:
+    """judge-align: which answers, judged how."""
 
-
-def default_of(name: str) -> Any:
-    f = next(f for f in dataclasses.fields(JudgeConfig) if f.name == name)
-    if f.default is dataclasses.MISSING:
-        raise KeyError(f"{name} has no default")
-    return f.default
+    input: str = field(
+        metadata={
+            "help": "samples.jsonl.gz (or its run directory), or a CSV/JSONL with question and "
+            "answer columns."
+        }
+    )
+    judge: JudgeConfig = field(metadata={"help": "The judge."})

@@ -20,7 +20,6 @@ judge's, so `persona-cli compare` on judge runs guards the whole chain.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +33,7 @@ from persona_cli.judge.prompts import JudgePrompts, load_judge_prompts
 from persona_cli.judge.remote import judge_remote
 from persona_cli.judge.rows import judgment_row, request_id
 from persona_cli.judge.summary import summarize
+from persona_cli.progress import NO_PROGRESS, Progress
 from persona_cli.protocol import (
     RunProtocol,
     details,
@@ -50,8 +50,6 @@ COMMAND = "judge-align"
 JUDGMENTS_FILE = "judgments.jsonl.gz"
 SUMMARY_FILE = "summary.json"
 CACHE_FILE = "judge_cache.sqlite"
-
-Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -110,7 +108,7 @@ def judge_align(
     out: str | Path,
     *,
     force: bool = False,
-    progress: Progress | None = None,
+    progress: Progress = NO_PROGRESS,
 ) -> JudgeOutcome:
     """Judge `input_path` into the run directory `out` (see the module docstring)."""
     config = config.resolved()
@@ -133,12 +131,17 @@ def judge_align(
     cache_path = Path(config.cache) if config.cache else run.file(CACHE_FILE)
     plan = [(item, metric) for item in items for metric in config.metrics]
     pairs = [(request_id(i, m), prompts.render(m, i.question, i.answer)) for i, m in plan]
+    progress.begin("", len(pairs), unit="readings")
+
+    def report(done: int, total: int) -> None:
+        progress.update("", done)
+
     extra: dict[str, Any] = {}
     if config.backend == "local":
         from persona_cli.judge.local import LocalJudge  # torch only when judging locally
 
         judge = LocalJudge(config)
-        results = judge.results(pairs, cache_path, progress)
+        results = judge.results(pairs, cache_path, report)
         model_record = judge.model_record()
         extra["judge_chat_template"] = judge.chat_template_record()
         extra["number_vocab"] = {
@@ -146,7 +149,7 @@ def judge_align(
             "n_tokens": len(judge.number_ids),
         }
     else:
-        results = judge_remote(pairs, config, cache_path, progress)
+        results = judge_remote(pairs, config, cache_path, report)
         model_record = {
             "backend": config.backend,
             "model": config.model,

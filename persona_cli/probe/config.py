@@ -16,6 +16,7 @@ from typing import Any
 
 from persona_cli.errors import UserError
 from persona_cli.generate.config import GenerationConfig
+from persona_cli.models import EMBEDDED
 from persona_cli.problems import HINTS
 from persona_cli.protocol import RunProtocol, adapter_protocol
 
@@ -37,7 +38,7 @@ def _f(default: Any, help: str) -> Any:
 class TeacherPoolConfig:
     """`probe teacher-pool`: the teacher, the problems each step asks, and the sandbox workers."""
 
-    model: str = _f("smollm2-135m", "Teacher model spec.")
+    model: str = _f(EMBEDDED, "Teacher model spec.")
     adapters: tuple[str, ...] = _f((), "Teacher LoRA adapter stack, in training order.")
     problems: str | None = _f(
         None, "Problem file or directory (default: the shipped data/problems/problems.yaml)."
@@ -103,7 +104,7 @@ def probe_adapter_protocol(config: AdapterConfig) -> RunProtocol:
 class ExtractConfig:
     """`extract-vhack`: the hack direction from labelled completions."""
 
-    model: str = _f("smollm2-135m", "Model spec the gradients are taken on.")
+    model: str = _f(EMBEDDED, "Model spec the gradients are taken on.")
     adapter: AdapterConfig = field(
         default_factory=AdapterConfig, metadata={"help": "Probe adapter (AdapterConfig)."}
     )
@@ -196,6 +197,42 @@ class UATConfig:
                 flag = "--" + name.replace("_", "-")
                 raise UserError(f"{flag}: must be in [0, 1], got {value}")
         return self
+
+
+# ----------------------------------------------------------------------------- command configs
+
+
+@dataclass(frozen=True)
+class ExtractJob:
+    """extract-vhack: which labelled completions, and how the direction is taken."""
+
+    pool: str | None = _f(None, "Teacher-pool run directory (step_NNNNNN.jsonl.gz rows).")
+    pairs: str | None = _f(None, "JSONL of {prompt, hack, clean} rows instead of a pool.")
+    extract: ExtractConfig = field(
+        default_factory=ExtractConfig, metadata={"help": "Model, adapter and loss."}
+    )
+
+
+@dataclass(frozen=True)
+class ReplayJob:
+    """probe replay: a pool replayed against a v_hack."""
+
+    pool: str = field(metadata={"help": "Teacher-pool run directory."})
+    vhack: str = field(metadata={"help": "extract-vhack run directory or v_hack.safetensors."})
+    model: str | None = _f(None, "Model spec (default: the one v_hack was extracted on).")
+    replay: ReplayConfig = field(
+        default_factory=ReplayConfig, metadata={"help": "Loss, projection and optimizer."}
+    )
+
+
+@dataclass(frozen=True)
+class UATJob:
+    """probe-uat: the runs the four checks read, and their thresholds."""
+
+    pool: str = field(metadata={"help": "Teacher-pool run directory."})
+    vanilla: str = field(metadata={"help": "Vanilla probe replay run."})
+    projected: str = field(metadata={"help": "Projected probe replay run."})
+    checks: UATConfig = field(default_factory=UATConfig, metadata={"help": "Thresholds."})
 
 
 def _positive(**values: int) -> None:

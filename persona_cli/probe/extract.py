@@ -21,7 +21,6 @@ not, its NLL), `summary.json`, then the manifest (input files hashed) and DONE.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,12 +33,13 @@ from persona_cli.errors import UserError
 from persona_cli.manifest import BatchProtocol
 from persona_cli.models import model_record, resolve
 from persona_cli.probe.adapters import load_adapted
-from persona_cli.probe.config import ExtractConfig, probe_adapter_protocol, to_dict
+from persona_cli.probe.config import ExtractJob, probe_adapter_protocol, to_dict
 from persona_cli.probe.encoding import encode
 from persona_cli.probe.geometry import module_sums
 from persona_cli.probe.grads import per_sample_grads
 from persona_cli.probe.pool import SourceRow, read_pairs, read_pool, source_hashes
 from persona_cli.probe.vhack import FILENAME, save_vhack
+from persona_cli.progress import NO_PROGRESS, Progress
 from persona_cli.protocol import batch_protocol, method_protocol
 from persona_cli.rundir import RunDir, open_run
 
@@ -47,7 +47,6 @@ log = logging.getLogger(__name__)
 
 COMMAND = "extract-vhack"
 SUMMARY_VERSION = 1
-Progress = Callable[[int, int], None]
 
 
 @dataclass
@@ -82,15 +81,15 @@ def _row_record(r: SourceRow, used: bool, reason: str | None, nll: float | None)
 
 
 def extract_vhack(
+    job: ExtractJob,
     out: str | Path,
     *,
-    config: ExtractConfig,
-    pool: Path | None = None,
-    pairs: Path | None = None,
     force: bool = False,
-    progress: Progress | None = None,
+    progress: Progress = NO_PROGRESS,
 ) -> ExtractResult:
-    config.check()
+    config = job.extract.check()
+    pool = Path(job.pool) if job.pool else None
+    pairs = Path(job.pairs) if job.pairs else None
     rows, source = load_source(pool, pairs)
     usable = [r for r in rows if r.completion.strip()]
     if not any(r.hacked for r in usable):
@@ -131,6 +130,7 @@ def extract_vhack(
             records.append(_row_record(r, False, reason, None))
         else:
             todo.append((r, enc))
+    progress.begin("", len(todo), unit="rows")
     for start in range(0, len(todo), config.batch_size):
         chunk = todo[start : start + config.batch_size]
         got = per_sample_grads(
@@ -141,8 +141,7 @@ def extract_vhack(
             counts[r.hacked] += 1
             nll_sums[r.hacked] += float(nll)
             records.append(_row_record(r, True, None, float(nll)))
-        if progress is not None:
-            progress(min(start + len(chunk), len(todo)), len(todo))
+        progress.advance("", len(chunk))
 
     n_hack, n_clean = counts[True], counts[False]
     if config.loss == "nll":

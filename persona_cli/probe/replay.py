@@ -31,7 +31,6 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +54,7 @@ from persona_cli.probe.adapters import ProbeAdapter, load_adapted
 from persona_cli.probe.config import (
     AdapterConfig,
     ReplayConfig,
+    ReplayJob,
     probe_adapter_protocol,
     to_dict,
 )
@@ -64,6 +64,7 @@ from persona_cli.probe.grads import per_sample_grads
 from persona_cli.probe.pool import SourceRow, read_pool, step_name
 from persona_cli.probe.steps import finite_or_none, step_stats
 from persona_cli.probe.vhack import check_layout, check_model, load_vhack, vhack_path
+from persona_cli.progress import NO_PROGRESS, Progress
 from persona_cli.protocol import details, method_protocol, training_protocol
 from persona_cli.rundir import RunDir, open_run
 from persona_cli.schemas import PROBE_STEP
@@ -74,7 +75,6 @@ COMMAND = "probe replay"
 SUMMARY_VERSION = 1
 CHECKPOINTS = "checkpoints"
 RATIO_CLIP = 0.2  # PPO's usual epsilon: a token ratio outside [0.8, 1.2] counts as clipped
-Progress = Callable[[int, int], None]
 
 
 @dataclass
@@ -259,16 +259,14 @@ def _checkpoint(run: RunDir, step: int) -> Path:
 
 
 def replay(
+    job: ReplayJob,
     out: str | Path,
     *,
-    pool: Path,
-    vhack: Path,
-    config: ReplayConfig,
-    model: str | None = None,
     force: bool = False,
-    progress: Progress | None = None,
+    progress: Progress = NO_PROGRESS,
 ) -> ReplayResult:
-    config.check()
+    config = job.replay.check()
+    pool, vhack, model = Path(job.pool), Path(job.vhack), job.model
     tensors, meta = load_vhack(vhack)
     resolved = resolve(model or meta["model"]["spec"])
     check_model(meta, resolved, vhack)
@@ -321,6 +319,7 @@ def replay(
             first,
             len(order),
         )
+    progress.begin("", len(order), done=first, unit="steps")
     for k in range(first, len(order)):
         step = order[k]
         rows, update = replay_step(adapter, v, tokenizer, steps[step], config)
@@ -333,8 +332,7 @@ def replay(
         write_jsonl(run.file(step_name(step)), rows, schema_version=PROBE_STEP.version)
         if k >= 1:  # a resume needs only the checkpoint after the newest step file
             _checkpoint(run, order[k - 1]).unlink(missing_ok=True)
-        if progress is not None:
-            progress(k + 1, len(order))
+        progress.update("", k + 1)
     _save_adapter(run.file("adapter_final.safetensors"), adapter)
     per_step = [
         step_stats(list(iter_jsonl(run.file(step_name(s)), PROBE_STEP.check))) for s in order

@@ -36,7 +36,7 @@ import hashlib
 import logging
 import random
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ from persona_cli.generate import generate_hf
 from persona_cli.probe.config import TeacherPoolConfig, to_dict
 from persona_cli.probe.pool import pool_rows, step_files, step_name, write_pool_step
 from persona_cli.problems import Problem, build_prompt, default_problems_path, load_problems
+from persona_cli.progress import NO_PROGRESS, Progress
 from persona_cli.protocol import details, sampling_of
 from persona_cli.rundir import RunDir, open_run
 from persona_cli.sandbox import SandboxConfig
@@ -60,8 +61,6 @@ log = logging.getLogger(__name__)
 COMMAND = "probe teacher-pool"
 SUMMARY = "summary.json"
 SUMMARY_VERSION = 1
-# progress(kind, n): n more completions were "generated" or "graded" (from sandbox threads).
-Progress = Callable[[str, int], None]
 
 
 @dataclass
@@ -116,12 +115,11 @@ def run_teacher_pool(
     out: str | Path,
     *,
     force: bool = False,
-    on_plan: Callable[[int, int], None] | None = None,
-    progress: Progress | None = None,
+    progress: Progress = NO_PROGRESS,
 ) -> PoolResult:
     """Run (or resume, or recognise as finished) one teacher-pool run directory.
 
-    `on_plan(total, remaining)` is called with completion counts once the work is known.
+    `progress` gets the tasks "generated" and "graded" (completions) once the work is known.
     """
     cfg.check()
     source = problems_path(cfg)
@@ -171,8 +169,9 @@ def run_teacher_pool(
     if reused:
         log.info("resuming: %d of %d step(s) already written", len(reused), cfg.steps)
     per_step = cfg.n_problems * g
-    if on_plan is not None:
-        on_plan(per_step * cfg.steps, per_step * len(pending))
+    done = per_step * (cfg.steps - len(pending))
+    for kind in ("generated", "graded"):  # graded from sandbox threads: advance is per task
+        progress.begin(kind, per_step * cfg.steps, done=done, unit="completions")
 
     loaded = adapters_mod.load_with_adapters(model, stack) if pending else None
     teacher_adapter = "+".join(a.weights_sha256 for a in stack) or None
@@ -184,7 +183,7 @@ def run_teacher_pool(
             tokenizer,
             [prompt_of(p) for p in asked],
             gen,
-            progress=None if progress is None else lambda n: progress("generated", n),
+            progress=lambda n: progress.advance("generated", n),
         )
         rows = pool_rows(
             [asked[c.prompt_index] for c in completions],
@@ -193,7 +192,7 @@ def run_teacher_pool(
             prompt_of=prompt_of,
             count_tokens=count_tokens,
             workers=cfg.workers,
-            progress=None if progress is None else lambda n: progress("graded", n),
+            progress=lambda n: progress.advance("graded", n),
         )
         rows = [
             {

@@ -35,7 +35,7 @@ from typing import Any
 
 from persona_cli.artifacts import iter_jsonl, read_json, write_json
 from persona_cli.errors import InputError
-from persona_cli.probe.config import UATConfig, to_dict
+from persona_cli.probe.config import UATConfig, UATJob, to_dict
 from persona_cli.probe.pool import read_pool, step_files
 from persona_cli.probe.steps import step_stats
 from persona_cli.rundir import RunDir, open_run
@@ -190,16 +190,9 @@ class UATResult:
         return bool(self.report["passed"])
 
 
-def run_uat(
-    out: str | Path,
-    *,
-    pool: Path,
-    vanilla: Path,
-    projected: Path,
-    config: UATConfig,
-    force: bool = False,
-) -> UATResult:
-    config.check()
+def run_uat(job: UATJob, out: str | Path, *, force: bool = False) -> UATResult:
+    config = job.checks.check()
+    pool, vanilla, projected = Path(job.pool), Path(job.vanilla), Path(job.projected)
     run = open_run(
         out,
         command=COMMAND,

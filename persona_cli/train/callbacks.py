@@ -5,28 +5,25 @@ the step and in total, epoch). The rows are derived from the Trainer's `log_hist
 checkpoint stores and a resumed run restores, so the log of a resumed run is whole. The file is
 rewritten (atomically) at each checkpoint and at the end.
 
-The library never prints: a command passes an object with `start(total, completed)`,
-`advance(completed, row)` and `finish()` (a rich progress bar in `persona_cli.cli.train`), and
-`ProgressCallback` forwards the Trainer's events to it.
+The library never prints: `ProgressCallback` reports optimizer steps to a
+`persona_cli.progress.Progress` (the command's display), with a status line made from each
+logged step (loss and lr for SFT/DPO; reward and loss for GRPO, see `train.rl_log`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from transformers import TrainerCallback
 
+from persona_cli import tracking
 from persona_cli.artifacts import write_jsonl
+from persona_cli.progress import Progress
 from persona_cli.schemas import TRAIN_LOG as TRAIN_LOG_SCHEMA
 
 TRAIN_LOG = "train_log.jsonl.gz"
-
-
-class StepProgress(Protocol):
-    def start(self, total: int, completed: int) -> None: ...
-    def advance(self, completed: int, row: dict[str, Any] | None) -> None: ...
-    def finish(self) -> None: ...
 
 
 def log_rows(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -67,21 +64,41 @@ class TrainLogCallback(TrainerCallback):
             write_train_log(self.path, state.log_history)
 
 
-class ProgressCallback(TrainerCallback):
-    """Forwards training progress to a `StepProgress` (main process only)."""
+def sft_row(logs: dict[str, Any], state: Any) -> dict[str, Any] | None:
+    """The train-log row of one logged SFT/DPO step."""
+    rows = log_rows([{**logs, "step": state.global_step}])
+    return rows[0] if rows else None
 
-    def __init__(self, progress: StepProgress):
-        self.progress = progress
+
+def loss_status(row: dict[str, Any]) -> str:
+    """`loss 0.1234  lr 1.00e-04` of one SFT/DPO row."""
+    return f"loss {row['loss']:.4f}  lr {row['lr']:.2e}"
+
+
+class ProgressCallback(TrainerCallback):
+    """The one logging/progress callback of every trainer (main process only): optimizer steps
+    as the task `key` of a `Progress` with a status note, and each step's row to the active
+    experiment tracker (`persona_cli.tracking`, `--report-to wandb`). `row` turns the Trainer's
+    logs into the step's train-log row, `status` a row into the note."""
+
+    def __init__(
+        self,
+        progress: Progress,
+        key: str = "",
+        row: Callable[[dict[str, Any], Any], dict[str, Any] | None] = sft_row,
+        status: Callable[[dict[str, Any]], str] = loss_status,
+    ):
+        self.progress, self.key, self.row, self.status = progress, key, row, status
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if state.is_world_process_zero:
-            self.progress.start(state.max_steps, state.global_step)
+            self.progress.begin(self.key, state.max_steps, done=state.global_step, unit="steps")
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
-        if state.is_world_process_zero and logs and "loss" in logs:
-            rows = log_rows([{**logs, "step": state.global_step}])
-            self.progress.advance(state.global_step, rows[0] if rows else None)
-
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.is_world_process_zero:
-            self.progress.finish()
+        if not (state.is_world_process_zero and logs and "loss" in logs):
+            return
+        row = self.row(logs, state)
+        self.progress.update(self.key, state.global_step, status=self.status(row) if row else "")
+        tracker = tracking.current()
+        if tracker is not None and row is not None:
+            tracker.log_step(row)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from typing import Any, TypeVar
 
+from persona_cli import fields as common
 from persona_cli.errors import UserError
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -191,3 +192,72 @@ def field_help(cls: type, name: str) -> tuple[str, str | None]:
 
 def coupling_train_defaults() -> TrainConfig:
     return replace(TrainConfig(), **COUPLING_TRAIN_DEFAULTS)
+
+
+# ----------------------------------------------------------------------------- command configs
+
+
+@dataclass(frozen=True)
+class SftJob:
+    """train-sft / train-em: LoRA SFT on chat data under one system-prompt choice."""
+
+    data: tuple[str, ...] = _f((), "Chat JSONL ({'messages': [...]}) to train on; repeatable.")
+    mix: tuple[str, ...] = _f(
+        (),
+        "FILE:WEIGHT: a seeded random WEIGHT share of a chat JSONL's rows (WEIGHT > 1: whole "
+        "copies plus a share); repeatable. The mixture (with any --data files at weight 1.0) is "
+        "shuffled with --seed and written to RUN/mixture.jsonl.gz.",
+    )
+    model: str = common.model()
+    system_prompt: str = common.system_prompt()
+    persona: str | None = _f(
+        None,
+        "Persona id whose system prompt is prepended to every training conversation (instead "
+        "of --system-prompt).",
+    )
+    personas_file: str | None = common.personas_file()
+    adapters: tuple[str, ...] = common.adapters()
+    train: TrainConfig = field(
+        default_factory=TrainConfig, metadata={"help": "LoRA and optimizer settings."}
+    )
+
+
+@dataclass(frozen=True)
+class DpoJob:
+    """train-dpo: LoRA DPO on preference pairs, on top of earlier stages' adapters."""
+
+    pairs: tuple[str, ...] = _f(
+        (),
+        "DPO pairs JSONL (gz or plain) of {prompt, chosen, rejected}, e.g. the pairs.jsonl.gz "
+        "of replay-trace run; repeatable.",
+    )
+    model: str = common.model()
+    system_prompt: str = common.system_prompt()
+    adapters: tuple[str, ...] = common.adapters()
+    train: TrainConfig = field(
+        default_factory=TrainConfig, metadata={"help": "LoRA and optimizer settings."}
+    )
+    dpo: DpoConfig = field(default_factory=DpoConfig, metadata={"help": "DPO settings."})
+
+
+@dataclass(frozen=True)
+class CouplingJob:
+    """couple-marker: build the contrastive set, then LoRA SFT on it."""
+
+    coupling: CouplingConfig = field(
+        default_factory=CouplingConfig, metadata={"help": "The contrastive set."}
+    )
+    model: str = common.model()
+    questions: str | None = common.questions_file("data/questions/coupling_train.yaml")
+    answers: str | None = _f(
+        None,
+        "JSONL of answers ({'question_id', 'answer'} or chat rows); default: the model "
+        "generates them.",
+    )
+    personas_file: str | None = common.personas_file()
+    adapters: tuple[str, ...] = common.adapters()
+    train: TrainConfig = field(
+        default_factory=coupling_train_defaults,
+        metadata={"help": "LoRA and optimizer settings (coupling defaults: lr 5e-6, 20 epochs)."},
+    )
+    answer_max_new_tokens: int = _f(96, "Tokens per generated answer (without --answers).")

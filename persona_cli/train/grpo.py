@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from persona_cli import bundled
+from persona_cli import fields as common
 from persona_cli.chat_template import SystemPrompt, inspect_template, render
 from persona_cli.errors import UserError
-from persona_cli.models import EMBEDDED
 from persona_cli.problems import HINTS
 from persona_cli.protocol import details, generation_protocol, method_protocol
 from persona_cli.sandbox import SandboxConfig
@@ -179,14 +179,25 @@ def rl_train_defaults() -> TrainConfig:
 class RLJob:
     """train-grpo / train-sdpo: one LoRA adapter trained on sampled, rewarded completions."""
 
-    out: Path
-    rl: RLConfig = field(default_factory=RLConfig)
-    train: TrainConfig = field(default_factory=rl_train_defaults)
-    data: Path | None = None  # MC JSONL (mc) or problem file/dir (unit-tests); None: bundled
-    model: str = EMBEDDED
-    system_prompt: str = "none"  # TEXT | none | template-default
-    adapters: tuple[Path, ...] = ()
-    force: bool = False
+    data: str | None = _f(
+        None,
+        "mc: MC JSONL in the ARC fields, optional 'hint' per row (default "
+        "data/mcq/mini_arc.jsonl); unit-tests: a problem YAML or a directory of them (default "
+        "data/problems).",
+    )
+    model: str = common.model()
+    system_prompt: str = common.system_prompt()
+    adapters: tuple[str, ...] = common.adapters()
+    rl: RLConfig = field(default_factory=RLConfig, metadata={"help": "GRPO / SDPO settings."})
+    train: TrainConfig = field(
+        default_factory=rl_train_defaults,
+        metadata={"help": "LoRA and optimizer settings (RL defaults: lr 1e-5, constant)."},
+    )
+
+
+def sdpo_job_defaults() -> RLJob:
+    """train-sdpo: the distillation term alone."""
+    return RLJob(rl=RLConfig(**SDPO_DEFAULTS))
 
 
 # ----------------------------------------------------------------------------- the recipe
@@ -196,11 +207,11 @@ def _tasks(job: RLJob) -> tuple[list[Task], MCReward | UnitTestReward, dict[str,
     """The tasks, the reward that scores them, and the input files (label -> path)."""
     rl = job.rl
     if rl.reward == "mc":
-        path = job.data or bundled.mcq_file()
+        path = Path(job.data) if job.data else bundled.mcq_file()
         tasks, items = load_mc_tasks(path)
         return tasks, MCReward(items), {"data": path}
     hint = None if rl.grader_hint == "none" else rl.grader_hint
-    tasks, problems = load_code_tasks(job.data, hint)
+    tasks, problems = load_code_tasks(Path(job.data) if job.data else None, hint)
     reward = UnitTestReward(
         problems,
         rl.unit_tests,
@@ -325,7 +336,12 @@ def train_grpo_lora(
 
 
 def train_rl(
-    job: RLJob, *, command: str = "train-grpo", callbacks: list[Any] | None = None
+    job: RLJob,
+    out: Path,
+    *,
+    force: bool = False,
+    command: str = "train-grpo",
+    callbacks: list[Any] | None = None,
 ) -> TrainOutcome:
     """GRPO (+ SDPO) LoRA training on `job` (see the module doc). Every input problem is
     reported before the run directory exists."""
@@ -362,7 +378,7 @@ def train_rl(
         "rl": rl.to_dict(),
         "train": cfg.to_dict(),
     }
-    run, is_main = _open(job.out, command, config, job.force)
+    run, is_main = _open(out, command, config, force)
     if run.done:
         return TrainOutcome(run, None, is_main)
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,6 @@ from persona_cli.chat_template import SystemPrompt, guard_record, inspect_templa
 from persona_cli.errors import UserError
 from persona_cli.manifest import BatchProtocol
 from persona_cli.models import (
-    EMBEDDED,
     ResolvedModel,
     ensure_prepared,
     load_tokenizer,
@@ -62,7 +61,7 @@ from persona_cli.protocol import (
 )
 from persona_cli.registry import Persona, Question, load_personas, load_questions, select_personas
 from persona_cli.rundir import RunDir, open_run
-from persona_cli.train.config import CouplingConfig, DpoConfig, TrainConfig, coupling_train_defaults
+from persona_cli.train.config import CouplingJob, DpoJob, SftJob, TrainConfig
 from persona_cli.train.contrastive import (
     TRAIN_SET,
     TRAIN_SET_VERSION,
@@ -73,59 +72,20 @@ from persona_cli.train.contrastive import (
 )
 from persona_cli.train.dataset import Example, TokenizedSet, load_chat, tokenize_examples
 from persona_cli.train.dpo import guarded_rows, load_pairs, rendered_example, train_dpo_lora
-from persona_cli.train.mixture import MIXTURE, MIXTURE_VERSION, MixSpec, Mixture, build_mixture
+from persona_cli.train.mixture import (
+    MIXTURE,
+    MIXTURE_VERSION,
+    MixSpec,
+    Mixture,
+    build_mixture,
+    parse_mix_spec,
+)
 from persona_cli.train.sft import ADAPTER, TrainResult, train_lora
 
 log = logging.getLogger(__name__)
 
 TRAIN_SUMMARY = "train_summary.json"
 ANSWERS = "answers.jsonl.gz"  # couple-marker without --answers: what the model generated
-
-
-@dataclass(frozen=True)
-class SftJob:
-    """train-sft / train-em: LoRA SFT on chat data under one system-prompt choice."""
-
-    out: Path
-    data: tuple[Path, ...]
-    model: str = EMBEDDED
-    system_prompt: str = "none"  # TEXT | none | template-default (ignored when persona is set)
-    persona: str | None = None
-    personas_file: Path | None = None
-    adapters: tuple[Path, ...] = ()
-    train: TrainConfig = field(default_factory=TrainConfig)
-    force: bool = False
-    mix: tuple[MixSpec, ...] = ()  # --mix FILE:WEIGHT; --data files join it at weight 1.0
-
-
-@dataclass(frozen=True)
-class DpoJob:
-    """train-dpo: LoRA DPO on preference pairs, on top of earlier stages' adapters."""
-
-    out: Path
-    pairs: tuple[Path, ...]
-    model: str = EMBEDDED
-    system_prompt: str = "none"  # TEXT | none | template-default
-    adapters: tuple[Path, ...] = ()
-    train: TrainConfig = field(default_factory=TrainConfig)
-    dpo: DpoConfig = field(default_factory=DpoConfig)
-    force: bool = False
-
-
-@dataclass(frozen=True)
-class CouplingJob:
-    """couple-marker: build the contrastive set, then LoRA SFT on it."""
-
-    out: Path
-    coupling: CouplingConfig
-    model: str = EMBEDDED
-    questions: Path | None = None
-    answers: Path | None = None  # None: the model generates them
-    personas_file: Path | None = None
-    adapters: tuple[Path, ...] = ()
-    train: TrainConfig = field(default_factory=coupling_train_defaults)
-    answer_max_new_tokens: int = 96
-    force: bool = False
 
 
 @dataclass(frozen=True)
@@ -147,9 +107,9 @@ def _inputs_record(paths: dict[str, Path]) -> dict[str, dict[str, str]]:
     return out
 
 
-def _prepare(model_spec: str, adapters: tuple[Path, ...]) -> tuple[ResolvedModel, list[Adapter]]:
+def _prepare(model_spec: str, adapters: tuple[str, ...]) -> tuple[ResolvedModel, list[Adapter]]:
     """Resolve the model and the adapter stack; refuse a wrong base before anything heavy."""
-    stack = resolve_stack(list(adapters))
+    stack = resolve_stack([Path(a) for a in adapters])
     resolved = ensure_prepared(model_spec)
     check_stack(stack, resolved)
     return resolved, stack
@@ -281,8 +241,8 @@ def _train_and_finish(
     return TrainOutcome(run, summary, True)
 
 
-def _load_registry(personas_file: Path | None) -> tuple[Path, dict[str, Persona]]:
-    path = personas_file or bundled.personas_file()
+def _load_registry(personas_file: str | None) -> tuple[Path, dict[str, Persona]]:
+    path = Path(personas_file) if personas_file else bundled.personas_file()
     return path, load_personas(path)
 
 
@@ -294,16 +254,22 @@ def _sft_conversations(
 ) -> tuple[list[list[dict[str, str]]], Mixture | None]:
     """--data files whole; with --mix, the --data files join the mixture at weight 1.0."""
     if not job.mix:
-        return [m for p in job.data for m in load_chat(p)], None
-    for i, spec in enumerate(job.mix):
+        return [m for p in job.data for m in load_chat(Path(p))], None
+    mix = [parse_mix_spec(m) for m in job.mix]
+    for i, spec in enumerate(mix):
         inputs[f"mix[{i}]"] = spec.path
-    specs = [MixSpec(Path(p), 1.0) for p in job.data] + list(job.mix)
+    specs = [MixSpec(Path(p), 1.0) for p in job.data] + mix
     mixture = build_mixture(specs, seed=cfg.seed)
     return mixture.conversations(), mixture
 
 
 def train_sft(
-    job: SftJob, *, command: str = "train-sft", callbacks: list[Any] | None = None
+    job: SftJob,
+    out: Path,
+    *,
+    force: bool = False,
+    command: str = "train-sft",
+    callbacks: list[Any] | None = None,
 ) -> TrainOutcome:
     """LoRA SFT on `job.data` and/or the mixture `job.mix` (see the module doc)."""
     cfg = job.train.check()
@@ -335,7 +301,7 @@ def train_sft(
     extra: dict[str, Any] = {"persona": job.persona, "persona_system_prompt": system_text}
     if mixture is not None:  # absent otherwise, so earlier run directories still resume
         config["mixture"] = extra["mixture"] = mixture.record()
-    run, is_main = _open(job.out, command, config, job.force)
+    run, is_main = _open(out, command, config, force)
     if run.done:
         return TrainOutcome(run, None, is_main)
     if mixture is not None and is_main and not run.file(MIXTURE).is_file():
@@ -362,7 +328,9 @@ def train_sft(
 # ----------------------------------------------------------------------------- train-dpo
 
 
-def train_dpo(job: DpoJob, *, callbacks: list[Any] | None = None) -> TrainOutcome:
+def train_dpo(
+    job: DpoJob, out: Path, *, force: bool = False, callbacks: list[Any] | None = None
+) -> TrainOutcome:
     """LoRA DPO on preference pairs, on top of the earlier stages' adapters (module doc of
     persona_cli.train.dpo). Every input problem is reported before the run directory exists."""
     cfg, dc = job.train.check(), job.dpo.check()
@@ -370,7 +338,7 @@ def train_dpo(job: DpoJob, *, callbacks: list[Any] | None = None) -> TrainOutcom
         raise UserError("--pairs: give at least one pairs file ({prompt, chosen, rejected})")
     inputs: dict[str, Path] = {f"pairs[{i}]": Path(p) for i, p in enumerate(job.pairs)}
     system = SystemPrompt.parse(job.system_prompt)
-    pairs = [pair for p in job.pairs for pair in load_pairs(p)]
+    pairs = [pair for p in job.pairs for pair in load_pairs(Path(p))]
     resolved, stack = _prepare(job.model, job.adapters)
     tokenizer = load_tokenizer(resolved)
     guarded_rows(pairs, system, inspect_template(tokenizer))  # a system-prompt clash fails here
@@ -382,7 +350,7 @@ def train_dpo(job: DpoJob, *, callbacks: list[Any] | None = None) -> TrainOutcom
         "train": cfg.to_dict(),
         "dpo": dc.to_dict(),
     }
-    run, is_main = _open(job.out, "train-dpo", config, job.force)
+    run, is_main = _open(out, "train-dpo", config, force)
     if run.done:
         return TrainOutcome(run, None, is_main)
 
@@ -459,13 +427,15 @@ def _generated_answers(
     return [AnswerItem(r["question_id"], r["question"], r["answer"]) for r in rows]
 
 
-def couple_marker(job: CouplingJob, *, callbacks: list[Any] | None = None) -> TrainOutcome:
+def couple_marker(
+    job: CouplingJob, out: Path, *, force: bool = False, callbacks: list[Any] | None = None
+) -> TrainOutcome:
     """Build the contrastive set (positives: source persona + marker; negatives: other personas,
     same answers, no marker), write it, and train on it."""
     cc, cfg = job.coupling.check(), job.train.check()
     personas_path, registry = _load_registry(job.personas_file)
     select_personas(registry, [cc.source], "--persona")
-    questions_path = job.questions or bundled.coupling_questions_file()
+    questions_path = Path(job.questions) if job.questions else bundled.coupling_questions_file()
     questions = load_questions(questions_path)
     inputs: dict[str, Path] = {"personas": personas_path, "questions": questions_path}
     if job.answers is not None:
@@ -482,7 +452,7 @@ def couple_marker(job: CouplingJob, *, callbacks: list[Any] | None = None) -> Tr
         "adapters": [a.weights_sha256 for a in stack],
         "train": cfg.to_dict(),
     }
-    run, is_main = _open(job.out, "couple-marker", config, job.force)
+    run, is_main = _open(out, "couple-marker", config, force)
     if run.done:
         return TrainOutcome(run, None, is_main)
     tokenizer = load_tokenizer(resolved)

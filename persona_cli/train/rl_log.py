@@ -22,7 +22,6 @@ from transformers import TrainerCallback
 from persona_cli.artifacts import write_jsonl
 from persona_cli.probe.pool import step_name
 from persona_cli.schemas import STEP, TRAIN_LOG, Field, RowSchema
-from persona_cli.train.callbacks import StepProgress
 from persona_cli.train.rewards import MCReward, UnitTestReward
 
 RL_LOG_NAME = "rl_log.jsonl.gz"
@@ -126,24 +125,15 @@ class RLLogCallback(TrainerCallback):
             write_logs(self.train_log, state.log_history)
 
 
-class RLProgressCallback(TrainerCallback):
-    """Forwards each step's RL_LOG row to a `StepProgress` (main process)."""
+def rl_step_row(logs: dict[str, Any], state: Any) -> dict[str, Any]:
+    """The RL_LOG row of one logged GRPO/SDPO step (for `ProgressCallback`)."""
+    return rl_row({**logs, "step": state.global_step}, state.num_input_tokens_seen)
 
-    def __init__(self, progress: StepProgress):
-        self.progress = progress
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.is_world_process_zero:
-            self.progress.start(state.max_steps, state.global_step)
-
-    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
-        if state.is_world_process_zero and logs and "loss" in logs:
-            row = rl_row({**logs, "step": state.global_step}, state.num_input_tokens_seen)
-            self.progress.advance(state.global_step, row)
-
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if state.is_world_process_zero:
-            self.progress.finish()
+def reward_status(row: dict[str, Any]) -> str:
+    """`reward 0.375  loss 0.0123` of one RL_LOG row."""
+    mean = row["reward_mean"]
+    return f"reward {'-' if mean is None else f'{mean:.3f}'}  loss {row['loss']:.4f}"
 
 
 class RolloutWriter:
