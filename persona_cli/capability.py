@@ -164,6 +164,13 @@ def item_from_row(row: dict[str, Any], line: int) -> MCItem:
 
 
 SCORER = "letter-logprob"  # the option letter with the highest log-prob after the prompt
+# How prompt_text lays an item out; with INSTRUCTION, what the hf backend's prompt hash covers.
+PROMPT_FORMAT = "{question}\n\n{label}. {text} (one line per option)\n\n{instruction}"
+
+
+def prompt_sha256() -> str:
+    """The hf backend's `capability_prompt_sha256`: its prompt layout and instruction."""
+    return sha256_json({"format": PROMPT_FORMAT, "instruction": INSTRUCTION})
 
 
 def protocol(
@@ -172,21 +179,21 @@ def protocol(
     *,
     backend: str = "hf",
     scorer: str = SCORER,
-    task_sha256: str | None = None,
+    prompt_hash: str | None = None,
     instruction: str | None = INSTRUCTION,
     **recorded: Any,
 ) -> RunProtocol:
     """The guarded fields of an eval-capability run: the backend, the items scored (their
-    content, so a --limit, --subjects or another file differs) and the scorer; the
-    lm-eval backend also guards its tasks' configs (`task_sha256`: prompt format, few-shot,
-    metrics); the instruction and `recorded` are details. The system prompt (from --persona or
-    --system-prompt) is guarded through the chat-template record."""
-    task = {} if task_sha256 is None else {"capability_task_sha256": task_sha256}
+    content, so a --limit, --subjects or another file differs), the scorer and the prompt format
+    (`prompt_hash`; default: the hf backend's `prompt_sha256()`, the lm-eval backend passes its
+    tasks' config hash: prompt template, few-shot, metrics); the instruction and `recorded` are
+    details. The system prompt (from --persona or --system-prompt) is guarded through the
+    chat-template record."""
     return method_protocol(
         backend=backend,
         item_set_sha256=sha256_json([i.content() for i in items]),
         capability_scorer=scorer,
-        **task,
+        capability_prompt_sha256=prompt_hash or prompt_sha256(),
     ) | details(instruction=instruction, n_items=len(items), persona=persona, **recorded)
 
 

@@ -244,7 +244,7 @@ def rows_of(result: dict[str, Any], tokenizer: Any) -> tuple[list[dict[str, Any]
 
 def record(result: dict[str, Any], version: str, task: TaskSpec) -> dict[str, Any]:
     """The manifest's `lm_eval` entry: harness version, per task its config and hash, and one
-    hash over the tasks' hashes (the guarded `capability_task_sha256`). A local task's data
+    hash over the tasks' hashes (the guarded `capability_prompt_sha256`). A local task's data
     files are hashed by content, not by path, so a checkout elsewhere hashes the same."""
     import json
 

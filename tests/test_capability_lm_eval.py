@@ -97,13 +97,14 @@ def test_manifest_records_harness_and_guard_tells_backends_apart(
     protocol = manifest["protocol"]
     hf_protocol = json.loads((both["hf"] / "manifest.json").read_text())["protocol"]
     assert protocol["item_set_sha256"] == hf_protocol["item_set_sha256"]
-    assert protocol["capability_task_sha256"] == record["config_sha256"]
+    assert protocol["capability_prompt_sha256"] == record["config_sha256"]
+    assert hf_protocol["capability_prompt_sha256"] == capability.prompt_sha256()
     assert manifest["inputs"]["task"]["sha256"] and manifest["inputs"]["data_files.test"]["sha256"]
     cmp = ["compare-items", str(both["hf"]), str(both["lm"])]
     r = CliRunner().invoke(app, cmp)
     assert r.exit_code == 3 and "capability_scorer" in r.stderr
     allow = ["--allow-diff", "backend", "--allow-diff", "capability_scorer"]
-    allow += ["--allow-diff", "capability_task_sha256", "--out", str(tmp_path / "cmp")]
+    allow += ["--allow-diff", "capability_prompt_sha256", "--out", str(tmp_path / "cmp")]
     r = CliRunner().invoke(app, [*cmp, *allow])
     assert r.exit_code == 0, r.output
     overall = json.loads((tmp_path / "cmp" / "compare_items.json").read_text())["pairs"][0]

@@ -188,7 +188,7 @@ def run_eval_capability(
             cfg.persona,
             backend="lm-eval",
             scorer=harness.SCORER,
-            task_sha256=extra["lm_eval"]["config_sha256"],
+            prompt_hash=extra["lm_eval"]["config_sha256"],
             instruction=None,  # the task's doc_to_text is the prompt
             harness_version=plan.harness_version,
         )
