@@ -121,6 +121,11 @@ def _check_mmlu(row: dict[str, Any]) -> list[str]:
     return _check_subject(row, required=True)
 
 
+def row_problems(row: dict[str, Any]) -> list[str]:
+    """The problems of one row in its own layout (empty when it is a valid item)."""
+    return _check_mmlu(row) if layout_of(row) == MMLU else _check_arc(row)
+
+
 def _row_checker() -> Callable[[dict[str, Any]], list[str]]:
     """A row check that fixes the file's layout from its first row."""
     seen: list[str] = []
@@ -131,12 +136,13 @@ def _row_checker() -> Callable[[dict[str, Any]], list[str]]:
             seen.append(layout)
         if layout != seen[0]:
             return [f"a {layout.upper()}-layout row in a {seen[0].upper()}-layout file"]
-        return _check_mmlu(row) if layout == MMLU else _check_arc(row)
+        return row_problems(row)
 
     return check
 
 
-def _item(row: dict[str, Any], line: int) -> MCItem:
+def item_from_row(row: dict[str, Any], line: int) -> MCItem:
+    """The item of a valid row; an MMLU row without `id` is `SUBJECT/LINE` (1-based)."""
     if layout_of(row) == MMLU:
         labels = tuple(string.ascii_uppercase[: len(row["choices"])])
         return MCItem(
@@ -158,17 +164,37 @@ def _item(row: dict[str, Any], line: int) -> MCItem:
 
 
 SCORER = "letter-logprob"  # the option letter with the highest log-prob after the prompt
+# How prompt_text lays an item out; with INSTRUCTION, what the hf backend's prompt hash covers.
+PROMPT_FORMAT = "{question}\n\n{label}. {text} (one line per option)\n\n{instruction}"
 
 
-def protocol(items: list[MCItem], persona: str | None = None) -> RunProtocol:
-    """The guarded fields of an eval-capability run: the items scored (their content, so a
-    --limit, --subjects or another file differs), the scorer and its instruction. The system
-    prompt (from --persona or --system-prompt) is guarded through the chat-template record."""
+def prompt_sha256() -> str:
+    """The hf backend's `capability_prompt_sha256`: its prompt layout and instruction."""
+    return sha256_json({"format": PROMPT_FORMAT, "instruction": INSTRUCTION})
+
+
+def protocol(
+    items: list[MCItem],
+    persona: str | None = None,
+    *,
+    backend: str = "hf",
+    scorer: str = SCORER,
+    prompt_hash: str | None = None,
+    instruction: str | None = INSTRUCTION,
+    **recorded: Any,
+) -> RunProtocol:
+    """The guarded fields of an eval-capability run: the backend, the items scored (their
+    content, so a --limit, --subjects or another file differs), the scorer and the prompt format
+    (`prompt_hash`; default: the hf backend's `prompt_sha256()`, the lm-eval backend passes its
+    tasks' config hash: prompt template, few-shot, metrics); the instruction and `recorded` are
+    details. The system prompt (from --persona or --system-prompt) is guarded through the
+    chat-template record."""
     return method_protocol(
-        backend="hf",
+        backend=backend,
         item_set_sha256=sha256_json([i.content() for i in items]),
-        capability_scorer=SCORER,
-    ) | details(instruction=INSTRUCTION, n_items=len(items), persona=persona)
+        capability_scorer=scorer,
+        capability_prompt_sha256=prompt_hash or prompt_sha256(),
+    ) | details(instruction=instruction, n_items=len(items), persona=persona, **recorded)
 
 
 def _hf_rows(source: str) -> list[dict[str, Any]]:
@@ -195,7 +221,7 @@ def load_items(
         if source.startswith("hf:")
         else list(iter_jsonl(Path(source), _row_checker()))
     )
-    items = [_item(r, line) for line, r in enumerate(rows, start=1)]
+    items = [item_from_row(r, line) for line, r in enumerate(rows, start=1)]
     if subjects:
         present = {i.subject for i in items}
         for subject in subjects:

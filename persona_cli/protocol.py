@@ -70,6 +70,7 @@ GUARDED_FIELDS: dict[str, str] = {
     # capability (eval-capability)
     "item_set_sha256": "hash of the multiple-choice items",
     "capability_scorer": "how an item is scored",
+    "capability_prompt_sha256": "prompt format (hf: layout + instruction; lm-eval: task configs)",
     # methods
     "dpo_beta": "DPO beta",
     "rl_reward": "RL reward function",
@@ -160,7 +161,14 @@ REQUIRED_FIELDS: dict[str, frozenset[str]] = {
         }
     ),
     "eval-capability": frozenset(
-        {"backend", "item_set_sha256", "capability_scorer", "chat_template_sha256", "system_prompt"}
+        {
+            "backend",
+            "item_set_sha256",
+            "capability_scorer",
+            "capability_prompt_sha256",
+            "chat_template_sha256",
+            "system_prompt",
+        }
     ),
     "probe teacher-pool": _GENERATION,
     "extract-vhack": _PROBE_BATCH | {"vhack_loss"},

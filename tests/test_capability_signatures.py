@@ -126,8 +126,8 @@ def test_compare_items_flips_and_mcnemar(runs: dict[str, Path], tmp_path: Path) 
     table = [[int(np.sum(a & b)), int(np.sum(a & ~b))], [int(np.sum(~a & b)), int(np.sum(~a & ~b))]]
     assert table[0][1] + table[1][0] > 0  # the fine-tune flips items: the test is not vacuous
     o = result["pairs"][0]["overall"]
-    assert [[o["both_correct"], o["broken"]], [o["fixed"], o["both_wrong"]]] == table
-    assert o["broken_share"] == pytest.approx(table[0][1] / (table[0][0] + table[0][1]))
+    assert [[o["both"], o["a_only"]], [o["b_only"], o["neither"]]] == table
+    assert o["a_only_share"] == pytest.approx(table[0][1] / (table[0][0] + table[0][1]))
     assert o["mcnemar_exact_p"] == pytest.approx(mcnemar(table, exact=True).pvalue)
     assert o["delta"] == pytest.approx(b.mean() - a.mean())
     assert o["delta_low"] <= o["delta"] <= o["delta_high"]
@@ -146,10 +146,85 @@ def test_hand_built_two_by_two() -> None:
     a = np.array([1] * 5 + [1] * 3 + [0] * 1 + [0] * 2, dtype=bool)
     b = np.array([1] * 5 + [0] * 3 + [1] * 1 + [0] * 2, dtype=bool)
     f = paired.flips(a, b)
-    assert (f["both_correct"], f["broken"], f["fixed"], f["both_wrong"]) == (5, 3, 1, 2)
-    assert f["broken_share"] == pytest.approx(3 / 8)
+    assert (f["both"], f["a_only"], f["b_only"], f["neither"]) == (5, 3, 1, 2)
+    assert f["a_only_share"] == pytest.approx(3 / 8)
     # exact McNemar: two-sided binomial on the 4 discordant items, 1 of them one way
     assert f["mcnemar_exact_p"] == pytest.approx(scipy_stats.binomtest(1, 4, 0.5).pvalue)
+    assert f["mcnemar_exact_p"] == pytest.approx(mcnemar([[5, 3], [1, 2]], exact=True).pvalue)
+    assert f["b_only_share"] == pytest.approx(1 / 3)
+
+
+def _outcomes(run: str, a: np.ndarray, classes: list[str], clusters: list[str] | None = None):
+    from persona_cli.outcomes import KINDS, Outcomes
+
+    keys = tuple(f"item{i}" for i in range(len(a)))
+    return Outcomes(
+        run=run,
+        kind=KINDS["eval-capability"],
+        definition="correct",
+        keys=keys,
+        values=np.asarray(a, dtype=bool),
+        defined=np.ones(len(a), dtype=bool),
+        clusters=tuple(clusters) if clusters else keys,
+        groups={"class": tuple(classes)},
+    )
+
+
+def test_four_seed_per_class_summary_equals_scipy() -> None:
+    """Four seeds, four classes of 10 items: side B's correct count per class is chosen so the
+    per-seed class deltas are known; the across-seed mean, t-interval and sign count are
+    checked against scipy."""
+    from persona_cli import paired
+
+    seeds = [256, 42, 7, 137]
+    wanted = {  # per class: B - A in items (of 10), per seed in the order above
+        "A": [1, 0, 2, -1],
+        "B": [-3, -4, -2, -3],
+        "C": [0, 0, 0, 0],
+        "D": [2, 1, 1, 3],
+    }
+    classes = [c for c in "ABCD" for _ in range(10)]
+    pairs = []
+    for i, seed in enumerate(seeds):
+        a = np.array([j % 10 < 5 for j in range(40)])  # A: 5 of 10 correct in every class
+        b = np.concatenate([np.arange(10) < 5 + wanted[c][i] for c in "ABCD"])
+        pair = paired.compare_pair(
+            _outcomes(f"a{seed}", a, classes), _outcomes(f"b{seed}", b, classes), seed=i, n_boot=200
+        )
+        pairs.append(pair)
+    across = paired.across_pairs(pairs, seeds, alpha=0.05)
+    order = np.argsort(seeds)
+    for c, deltas in wanted.items():
+        values = np.array(deltas, dtype=float)[order] / 10
+        s = across["groups"]["class"][c]
+        assert s["seeds"] == sorted(seeds) and s["values"] == pytest.approx(values)
+        assert s["mean"] == pytest.approx(values.mean())
+        if values.std() > 0:
+            low, high = scipy_stats.t.interval(
+                0.95, len(values) - 1, loc=values.mean(), scale=scipy_stats.sem(values)
+            )
+            assert (s["low"], s["high"]) == pytest.approx((low, high))
+        sign = np.sign(values.mean())
+        assert s["n_agree_with_mean"] == (int(np.sum(np.sign(values) == sign)) if sign else 0)
+    assert across["groups"]["class"]["B"]["n_agree_with_mean"] == 4  # 4/4 seeds agree
+    assert across["groups"]["class"]["A"]["n_agree_with_mean"] == 2
+    overall = np.array([sum(wanted[c][i] for c in "ABCD") / 40 for i in range(4)])[order]
+    assert across["delta"]["mean"] == pytest.approx(overall.mean())
+
+
+def test_cluster_bootstrap_equals_a_plain_loop() -> None:
+    """The vectorised cluster bootstrap against a loop that concatenates the drawn clusters."""
+    from persona_cli import paired
+
+    gen = np.random.default_rng(5)
+    clusters = [f"q{i % 7}" for i in range(60)]
+    a, b = gen.random(60) < 0.4, gen.random(60) < 0.6
+    got = paired.cluster_bootstrap(a, b, clusters, np.random.default_rng(11), 300)
+    names = sorted(set(clusters))
+    draws = np.random.default_rng(11).integers(0, len(names), size=(300, len(names)))
+    for draw, value in zip(draws, got, strict=True):
+        idx = [i for k in draw for i, c in enumerate(clusters) if c == names[k]]
+        assert value == pytest.approx(b[idx].mean() - a[idx].mean())
 
 
 def test_several_runs_per_side_summarised_across_pairs(
@@ -190,6 +265,12 @@ def test_several_runs_per_side_summarised_across_pairs(
 def test_different_item_sets_refused(runs: dict[str, Path]) -> None:
     code, _, err = _compare(str(runs["base"]), str(runs["moral"]))
     assert code == 3 and "item_set_sha256" in err
+    # declared as the manipulation, the item sets still have to pair up item by item
+    code, _, err = _compare(
+        str(runs["base"]), str(runs["moral"]), "--allow-diff", "item_set_sha256"
+    )
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "its items are not those of" in err and "20 only in A, 0 only in B" in err
 
 
 def _items_file(tmp_path: Path, **changes: object) -> Path:

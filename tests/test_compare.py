@@ -322,7 +322,10 @@ def test_seedless_runs_take_the_seed_of_the_run_they_derive_from(tmp_path: Path)
     evaluated.finish(
         chat_template=TEMPLATE,
         protocol=method_protocol(
-            backend="hf", item_set_sha256="d" * 64, capability_scorer="letter-logprob"
+            backend="hf",
+            item_set_sha256="d" * 64,
+            capability_scorer="letter-logprob",
+            capability_prompt_sha256="e" * 64,
         ),
         extra={"adapters": [{"path": str(train / "adapter"), "weights_sha256": "ab" * 32}]},
     )

@@ -112,9 +112,9 @@ def _param(leaf: Leaf, decls: tuple[str, ...], repeat: bool, argument: bool) -> 
     help_text = leaf.help.replace("[", r"\[")  # rich markup: "[ZLT]" is text
     if leaf.required:
         help_text += r" \[required]"
-    if argument:
+    if argument:  # a list field takes every remaining argument; a scalar one, one argument
         info = typer.Argument(help=help_text, show_default=False, metavar=leaf.name.upper())
-        return Annotated[list[str] | None, info]
+        return Annotated[list[str] | None if item is not None else str | None, info]
     if item is not None:
         metavar = _METAVARS.get(item, "TEXT")
         if repeat:
@@ -354,6 +354,7 @@ def configured(
                 return func(cfg, **kwargs)
 
         del command.__wrapped__  # Typer must see the generated signature, not func's
+        command.__doc__ = _paragraphs(func.__doc__ or "")
         command.__signature__ = inspect.Signature(all_params)  # type: ignore[attr-defined]
         command.__annotations__ = {p.name: p.annotation for p in all_params}
         DECLARED[command] = Declaration(
@@ -362,6 +363,13 @@ def configured(
         return command
 
     return decorate
+
+
+def _paragraphs(doc: str) -> str:
+    """A docstring as --help text: its paragraphs kept, the lines within each joined (rich
+    would otherwise break the help at the docstring's own line ends)."""
+    parts = inspect.cleandoc(doc).split("\n\n")
+    return "\n\n".join(" ".join(line.strip() for line in p.splitlines()) for p in parts)
 
 
 def _print_config(
