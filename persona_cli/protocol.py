@@ -83,6 +83,10 @@ GUARDED_FIELDS: dict[str, str] = {
     "trace_answerers_sha256": "hash of the student and teacher specs",
     "geometry_method": "persona-vector centroid method(s): prompt-last, response-mean or both",
     "geometry_layers": "hidden-state layers the persona vectors are taken at (0 = embeddings)",
+    "steering": "vectors added to the residual stream while generating (file sha256, layer, "
+    "coef, positions); absent: none",
+    "ablation": "vector directions projected out of the residual stream while generating (file "
+    "sha256, layer); absent: none",
     # read from the manifest's inputs and chat-template record, not from the record
     "question_set_sha256": "hash of the question file",
     "chat_template_sha256": "hash of the chat template",
@@ -279,6 +283,11 @@ def judge_protocol(
 
 def method_protocol(**fields: Any) -> RunProtocol:
     """Method fields (dpo_beta, rl_*, vhack_loss, projection, trace_*, capability_*, ...)."""
+    return RunProtocol(fields)
+
+
+def intervention_protocol(fields: Mapping[str, Any]) -> RunProtocol:
+    """`steering` / `ablation` (`persona_cli.geometry.steer.records`); absent when none."""
     return RunProtocol(fields)
 
 

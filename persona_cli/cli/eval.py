@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import Annotated
 
 import typer
@@ -34,11 +34,14 @@ from persona_cli.eval.markers import (
     run_eval_markers,
 )
 from persona_cli.generate import GenerationConfig, VllmConfig
+from persona_cli.geometry.steer import SteeringConfig
 from persona_cli.models import EMBEDDED
 
 _GEN = GenerationConfig()
 _VLLM = VllmConfig()
 _HELP = GenerationConfig.help()
+_STEER = SteeringConfig()
+_STEER_HELP = {f.name: f.metadata["help"] for f in fields(SteeringConfig)}
 
 
 def _table(result: EvalResult) -> Table:
@@ -137,6 +140,17 @@ def eval_markers(
     cpu_kvcache_gib: Annotated[
         int, typer.Option("--cpu-kvcache-gib", help="vllm on CPU: KV cache GiB.")
     ] = _VLLM.cpu_kvcache_gib,
+    steer: Annotated[
+        list[str] | None,
+        typer.Option("--steer", help=_STEER_HELP["steer"], show_default=False),
+    ] = None,
+    steer_positions: Annotated[
+        str, typer.Option("--steer-positions", help=_STEER_HELP["positions"])
+    ] = _STEER.positions,
+    ablate: Annotated[
+        list[str] | None,
+        typer.Option("--ablate", help=_STEER_HELP["ablate"], show_default=False),
+    ] = None,
     force: Force = False,
 ) -> None:
     """Marker rate per persona: P personas x Q questions x K samples, substring match.
@@ -178,6 +192,9 @@ def eval_markers(
             tensor_parallel_size=tensor_parallel_size,
             gpu_memory_utilization=gpu_memory_utilization,
             cpu_kvcache_gib=cpu_kvcache_gib,
+        ),
+        steering=SteeringConfig(
+            steer=tuple(steer or ()), positions=steer_positions, ablate=tuple(ablate or ())
         ),
     )
     with CompletionBar(["generating"], "eval-markers") as bar:

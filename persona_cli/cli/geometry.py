@@ -312,11 +312,33 @@ def trait(
     negative: Annotated[str, typer.Option("--negative", help=_TH["negative"], show_default=False)],
     out: OutDir,
     method: Annotated[str, typer.Option("--method", help=_TH["method"])] = _T.method,
+    filter_by: Annotated[
+        Path | None, typer.Option("--filter-by", help=_TH["filter_by"], show_default=False)
+    ] = None,
+    trait_metric: Annotated[
+        str, typer.Option("--trait-metric", help=_TH["trait_metric"])
+    ] = _T.trait_metric,
+    trait_threshold: Annotated[
+        float, typer.Option("--trait-threshold", help=_TH["trait_threshold"])
+    ] = _T.trait_threshold,
+    coherence_threshold: Annotated[
+        float, typer.Option("--coherence-threshold", help=_TH["coherence_threshold"])
+    ] = _T.coherence_threshold,
     force: Force = False,
 ) -> None:
     """Trait vector v_l = centroid(positive) - centroid(negative) per layer, from an extract
-    run holding both personas; writes trait.safetensors ([layers, hidden])."""
-    cfg = TraitConfig(extract_run=str(run), positive=positive, negative=negative, method=method)
+    run holding both personas; writes trait.safetensors ([layers, hidden]). --filter-by keeps
+    only the answer pairs a judge-align run passed (writes pairs.jsonl.gz)."""
+    cfg = TraitConfig(
+        extract_run=str(run),
+        positive=positive,
+        negative=negative,
+        method=method,
+        filter_by=str(filter_by) if filter_by else None,
+        trait_metric=trait_metric,
+        trait_threshold=trait_threshold,
+        coherence_threshold=coherence_threshold,
+    )
     result = run_trait(cfg, out, force=force)
     if result.already_done:
         say_already_done(result.run.path)
@@ -326,6 +348,8 @@ def trait(
     for layer, norm in result.norms.items():
         t.add_row(str(layer), f"{norm:.4g}")
     console.print(t)
+    if result.kept_pairs is not None:
+        console.print(f"judged pairs kept: {result.kept_pairs}", highlight=False)
     console.print(f"trait: {result.run.file('trait.safetensors')}", highlight=False)
 
 
@@ -340,12 +364,19 @@ def project(
         int, typer.Option("--batch-size", help=_PH["batch_size"])
     ] = _P.batch_size,
     dtype: Annotated[str, typer.Option("--dtype", help=_PH["dtype"])] = _P.dtype,
+    intervened: Annotated[
+        bool, typer.Option("--intervened/--plain", help=_PH["intervened"])
+    ] = _P.intervened,
     force: Force = False,
 ) -> None:
     """Score every completion of an eval-markers run by its projection on a trait vector
     (mean response hidden state . v / |v|, per layer); rows and a per-persona summary."""
     cfg = ProjectConfig(
-        trait_run=str(trait_run), samples_run=str(samples_run), batch_size=batch_size, dtype=dtype
+        trait_run=str(trait_run),
+        samples_run=str(samples_run),
+        batch_size=batch_size,
+        dtype=dtype,
+        intervened=intervened,
     )
     result = run_project(cfg, out, force=force)
     if result.already_done:

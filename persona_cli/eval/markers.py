@@ -40,7 +40,8 @@ from persona_cli.generate import (
     generate_vllm_groups,
 )
 from persona_cli.generate.vllm import engine_env, request_seeds
-from persona_cli.protocol import details, marker_protocol, sampling_of
+from persona_cli.geometry import steer as steer_mod
+from persona_cli.protocol import details, intervention_protocol, marker_protocol, sampling_of
 from persona_cli.registry import Persona, Question, load_personas, load_questions, select_personas
 from persona_cli.rundir import RunDir, open_run
 from persona_cli.schemas import SAMPLES
@@ -91,6 +92,10 @@ class MarkerEvalConfig:
         metadata={"help": "Sampling options; n is K, the samples per persona and question."},
     )
     vllm: VllmConfig = field(default_factory=VllmConfig, metadata={"help": "vLLM engine."})
+    steering: steer_mod.SteeringConfig = field(
+        default_factory=steer_mod.SteeringConfig,
+        metadata={"help": "Steering / ablation of the residual stream (hf backend)."},
+    )
 
 
 @dataclass
@@ -111,6 +116,7 @@ class _Plan:
     questions_file: Path
     questions: list[Question]
     negatives: list[str]  # evaluated personas the coupling saw as negatives
+    interventions: list[steer_mod.Intervention]  # --steer / --ablate, resolved
 
 
 def coupling_negatives(stack: list[adapters_mod.Adapter], source: str) -> list[str]:
@@ -160,7 +166,26 @@ def _plan(cfg: MarkerEvalConfig) -> _Plan:
         negatives = [p for p in cfg.negatives if p in ids]
     elif cfg.source is not None:
         negatives = [p for p in coupling_negatives(stack, cfg.source) if p in ids]
-    return _Plan(model, stack, personas_file, personas, questions_file, questions, negatives)
+    interventions = _interventions(cfg, model)
+    return _Plan(
+        model, stack, personas_file, personas, questions_file, questions, negatives, interventions
+    )
+
+
+def _interventions(
+    cfg: MarkerEvalConfig, model: models.ResolvedModel
+) -> list[steer_mod.Intervention]:
+    if not cfg.steering.active:
+        return []
+    if cfg.backend != "hf":
+        raise UserError(f"--steer/--ablate: the hf backend only (not --backend {cfg.backend})")
+    from transformers import AutoConfig
+
+    arch = AutoConfig.from_pretrained(model.path)
+    return steer_mod.resolve_interventions(
+        cfg.steering, model_revision=model.revision, model_spec=model.spec,
+        n_blocks=arch.num_hidden_layers, hidden_size=arch.hidden_size,
+    )  # fmt: skip
 
 
 def _run_config(cfg: MarkerEvalConfig, plan: _Plan) -> dict[str, Any]:
@@ -183,7 +208,7 @@ def _run_config(cfg: MarkerEvalConfig, plan: _Plan) -> dict[str, Any]:
         "backend": cfg.backend,
         "generation": cfg.generation.to_dict(),
         "vllm": cfg.vllm.to_dict() if cfg.backend == "vllm" else None,
-    }
+    } | ({"steering": [i.to_dict() for i in plan.interventions]} if plan.interventions else {})
 
 
 def _shard_path(run: RunDir, persona: Persona) -> Path:
@@ -270,8 +295,9 @@ def run_eval_markers(
     loaded = None
     if pending and cfg.backend == "hf":
         loaded = adapters_mod.load_with_adapters(plan.model, plan.stack)
-        for persona in pending:
-            save(persona, generate_hf(loaded, tokenizer, prompts_for(persona), gen, progress))
+        with steer_mod.intervening(loaded, plan.interventions):
+            for persona in pending:
+                save(persona, generate_hf(loaded, tokenizer, prompts_for(persona), gen, progress))
     elif pending:
         generate_vllm_groups(
             plan.model,
@@ -321,6 +347,7 @@ def _finish(
     }
     for i, a in enumerate(plan.stack):
         inputs[f"adapter_{i}"] = a.path / adapters_mod.WEIGHTS
+    inputs |= steer_mod.input_files(plan.interventions)
     # Every persona's system prompt goes through the same guard; the record shows the first.
     guard = guard_record(tokenizer, SystemPrompt("text", plan.personas[0].system_prompt))
     guard["system_prompt_source"] = "each persona's system_prompt (the first one shown)"
@@ -331,6 +358,7 @@ def _finish(
         chat_template=guard,
         protocol=sampling_of(cfg.generation, backend=cfg.backend, world_size=world)
         | marker_protocol(cfg.marker, cfg.case_sensitive)
+        | intervention_protocol(steer_mod.records(plan.interventions))
         | details(
             generation=cfg.generation.to_dict(),
             vllm=cfg.vllm.to_dict() if cfg.backend == "vllm" else None,
