@@ -6,6 +6,7 @@
     persona-cli persona-vectors shift runs/pv runs/pv_em --out runs/pv_shift
     persona-cli persona-vectors trait runs/pv --positive villain --negative assistant --out runs/t
     persona-cli persona-vectors project --trait runs/t --samples-run runs/eval --out runs/proj
+    persona-cli eval-markers --out runs/steered --steer runs/t:15:2.0    # steering at generation
 
 Each command parses its options into the library's frozen config (whose fields carry the help
 text and defaults), calls one function of `persona_cli.geometry`, and prints its result.
@@ -98,7 +99,7 @@ def extract(
 ) -> None:
     """Persona centroids per layer: prompt-last and/or response-mean hidden states.
 
-    Writes centroids.safetensors ([personas, layers, hidden] per method),
+    Writes centroids.safetensors (personas x layers x hidden per method),
     question_vectors.safetensors, rows.jsonl.gz (per persona, question and method: token
     counts and per-layer norms), summary.json, and samples.jsonl.gz when it generated answers.
     """
@@ -327,7 +328,7 @@ def trait(
     force: Force = False,
 ) -> None:
     """Trait vector v_l = centroid(positive) - centroid(negative) per layer, from an extract
-    run holding both personas; writes trait.safetensors ([layers, hidden]). --filter-by keeps
+    run holding both personas; writes trait.safetensors (layers x hidden). --filter-by keeps
     only the answer pairs a judge-align run passed (writes pairs.jsonl.gz)."""
     cfg = TraitConfig(
         extract_run=str(run),
