@@ -258,6 +258,7 @@ def test_ablation_leaves_no_projection_at_its_layer(smol: dict) -> None:
     ablated = smol["projections"]["ablate"]
     plain = smol["projections"]["zero"]
     assert ablated["intervened"][0]["kind"] == "ablate"
+    print(f"ablated: {_mean_projection(ablated):.2e} (plain {_mean_projection(plain):.2f})")
     assert abs(_mean_projection(ablated)) < 1e-3 * abs(_mean_projection(plain)) + 1e-3
     protocol = read_json(smol["root"] / "p_ablate" / "manifest.json")["protocol"]
     assert protocol["ablation"][0]["layer"] == SMOL_LAYER
