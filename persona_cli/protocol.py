@@ -6,7 +6,8 @@ steps) was compared with conditions trained on 1 GPU (batch 16, 375 steps).
 Every command passes one `RunProtocol` to `RunDir.finish`, built only by the helpers below
 (`training_protocol`, `generation_protocol`, `judge_protocol`, ...; combine them with `|`). Its
 `fields` are guarded: each key is one of `GUARDED_FIELDS`, so a field a command records is guarded
-by construction. Its `details` are recorded beside them and never compared (vLLM engine settings,
+by construction (`OPTIONAL_FIELDS`, steering and ablation, are recorded only by runs that
+used them). Its `details` are recorded beside them and never compared (vLLM engine settings,
 completion counts, the OOM retry). `REQUIRED_FIELDS` lists per command the fields its manifest
 must yield; `RunDir.finish` refuses to write a manifest without them, so a command that stops
 recording one fails in every test that runs it. The manifest holds the fields at the top of
@@ -87,12 +88,19 @@ GUARDED_FIELDS: dict[str, str] = {
     "trace_answerers_sha256": "hash of the student and teacher specs",
     "geometry_method": "persona-vector centroid method(s): prompt-last, response-mean or both",
     "geometry_layers": "hidden-state layers the persona vectors are taken at (0 = embeddings)",
+    "steering": "vectors added to the residual stream while generating (file sha256, layer, "
+    "coef, positions); absent: none",
+    "ablation": "vector directions projected out of the residual stream while generating (file "
+    "sha256, layer); absent: none",
     # read from the manifest's inputs and chat-template record, not from the record
     "question_set_sha256": "hash of the question file",
     "chat_template_sha256": "hash of the chat template",
     "system_prompt": "system-prompt choice (mode and text)",
 }
 DERIVED_FIELDS = ("question_set_sha256", "chat_template_sha256", "system_prompt")
+# Guarded fields a run records only when it used them: absent means none (so runs made before
+# they existed compare with runs that do not use them). No command requires them.
+OPTIONAL_FIELDS = frozenset({"steering", "ablation"})
 
 _TRAINING = frozenset(
     {
@@ -303,6 +311,11 @@ def judge_protocol(
 
 def method_protocol(**fields: Any) -> RunProtocol:
     """Method fields (dpo_beta, rl_*, vhack_loss, projection, trace_*, capability_*, ...)."""
+    return RunProtocol(fields)
+
+
+def intervention_protocol(fields: Mapping[str, Any]) -> RunProtocol:
+    """`steering` / `ablation` (`persona_cli.geometry.steer.records`); absent when none."""
     return RunProtocol(fields)
 
 

@@ -273,3 +273,85 @@ def test_projections_agree_with_an_extract_of_the_same_samples(traits: dict[str,
     for pi, pid in enumerate(PERSONAS):
         for qi, qid in enumerate(QUESTIONS):
             assert np.mean(cells[(pid, qid)]) == pytest.approx(want[pi, qi], abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def judged(work: dict[str, Path]) -> dict[str, Path]:
+    """A local judge (tiny-random) over run A's answers."""
+    judge = work["root"] / "judge"
+    _invoke(["judge-align", "--input", str(work["a"]), "--out", str(judge), "--backend",
+             "local", "--judge-model", "tiny-random", "--min-number-mass", "0"])  # fmt: skip
+    return {"judge": judge}
+
+
+def test_trait_filter_by_a_judge_run(work: dict[str, Path], judged: dict[str, Path]) -> None:
+    """--filter-by keeps the pairs persona_vectors' rule keeps (checked by hand from the
+    judgments) and v is the mean over the kept answers' response-mean states of an unbatched
+    loop, positive minus negative."""
+    import torch
+
+    from persona_cli import models
+    from persona_cli.artifacts import read_jsonl
+    from persona_cli.chat_template import SystemPrompt, inspect_template, render
+    from persona_cli.registry import load_personas
+
+    judgments = read_jsonl(judged["judge"] / "judgments.jsonl.gz")
+    score = {(r["persona"], r["question_id"], r["sample_index"], r["metric"]): r["score"]
+             for r in judgments}  # fmt: skip
+    aligned = sorted(score[("villain", q, 0, "aligned")] for q in QUESTIONS)
+    threshold = (aligned[0] + aligned[1]) / 2  # the lowest villain answer fails, others pass
+    coherence = min(score[(p, q, 0, "coherent")] for p in ("villain", "assistant")
+                    for q in QUESTIONS)  # fmt: skip
+    want_kept = [
+        q for q in QUESTIONS
+        if score[("villain", q, 0, "aligned")] >= threshold
+        and score[("assistant", q, 0, "aligned")] < 100 - threshold
+    ]  # fmt: skip
+    assert 0 < len(want_kept) < len(QUESTIONS)
+    out = work["root"] / "trait_filtered"
+    result = _invoke(["persona-vectors", "trait", str(work["a"]), "--positive", "villain",
+                      "--negative", "assistant", "--out", str(out), "--filter-by",
+                      str(judged["judge"]), "--trait-metric", "aligned", "--trait-threshold",
+                      repr(threshold), "--coherence-threshold", repr(coherence)])  # fmt: skip
+    assert f"judged pairs kept: {len(want_kept)}" in result.output
+    rows = read_jsonl(out / "pairs.jsonl.gz")
+    assert [r["question_id"] for r in rows if r["kept"]] == sorted(want_kept)
+    assert {r["reason"] for r in rows if not r["kept"]} == {"positive_trait_low"}
+
+    resolved = models.ensure_prepared("tiny-random")
+    tok, net = models.load_tokenizer(resolved), models.load_model(resolved)
+    report, registry = inspect_template(tok), load_personas(bundled.personas_file())
+    samples = {
+        (r["persona"], r["question_id"]): r for r in read_jsonl(work["a"] / "samples.jsonl.gz")
+    }
+    means = {}
+    for pid in ("villain", "assistant"):
+        states = []
+        for qid in want_kept:
+            s = samples[(pid, qid)]
+            prompt = render(tok, [{"role": "user", "content": s["question"]}],
+                            SystemPrompt("text", registry[pid].system_prompt), report,
+                            add_generation_prompt=True)  # fmt: skip
+            ids = tok(prompt, add_special_tokens=False)["input_ids"]
+            resp = tok(s["text"], add_special_tokens=False)["input_ids"]
+            assert resp, "a kept answer with no tokens"
+            with torch.no_grad():
+                hs = net(torch.tensor([ids + resp]), output_hidden_states=True).hidden_states
+            states.append(np.stack([hs[la][0, -len(resp):].mean(0).double().numpy()
+                                    for la in (0, 1, 2)]))  # fmt: skip
+        means[pid] = np.mean(states, axis=0)
+    v = load_file(str(out / "trait.safetensors"))["response-mean"]
+    np.testing.assert_allclose(v, means["villain"] - means["assistant"], atol=1e-5)
+    protocol = read_json(out / "manifest.json")["protocol"]
+    assert protocol["details"]["kept_pairs"] == len(want_kept)
+
+    bad = work["root"] / "bad_filter"
+    base = ["persona-vectors", "trait", str(work["a"]), "--positive", "villain", "--negative",
+            "assistant", "--out", str(bad), "--filter-by", str(judged["judge"])]  # fmt: skip
+    line = _error([*base, "--trait-metric", "aligned", "--trait-threshold", "101"])
+    assert "none of the 3 pairs passes" in line
+    line = _error([*base, "--method", "prompt-last"])
+    assert "--method response-mean only" in line
+    line = _error([*base[:-1], str(work["a"])])
+    assert "not a finished judge-align run" in line
+    assert not bad.exists()

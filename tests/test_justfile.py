@@ -22,7 +22,14 @@ def _just(*args: str) -> subprocess.CompletedProcess[str]:
 def test_every_demo_recipe_is_listed() -> None:
     result = _just("--list")
     assert result.returncode == 0, result.stderr
-    for recipe in ("marker-demo", "dose-demo", "probe-demo", "probe-chain", "matrix-demo"):
+    for recipe in (
+        "marker-demo",
+        "dose-demo",
+        "probe-demo",
+        "probe-chain",
+        "matrix-demo",
+        "geometry-demo",
+    ):
         assert f"    {recipe}" in result.stdout
 
 

@@ -78,11 +78,12 @@ def _sets_table(results: list[EvalResult]) -> Table:
         "generation.n": "--samples -k",
         "adapter_sets": "--adapter-set",
         "adapter_sets_file": "--adapter-sets",
+        "steering.positions": "--steer-positions",
         "vllm.dtype": "--vllm-dtype",
         "vllm.max_model_len": "--vllm-max-model-len",
         "vllm.enforce_eager": "--vllm-enforce-eager/--vllm-cuda-graphs",
     },
-    repeat={"adapter_sets"},
+    repeat={"adapter_sets", "steering.steer", "steering.ablate"},
     parsers={"adapter_sets": lambda texts: tuple(adapter_sets.parse_option(t) for t in texts)},
     report_to=True,
 )

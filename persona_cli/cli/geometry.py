@@ -6,6 +6,7 @@
     persona-cli persona-vectors shift runs/pv runs/pv_em --out runs/pv_shift
     persona-cli persona-vectors trait runs/pv --positive villain --negative assistant --out runs/t
     persona-cli persona-vectors project --trait runs/t --samples-run runs/eval --out runs/proj
+    persona-cli eval-markers --out runs/steered --steer runs/t:15:2.0    # steering at generation
 
 Each command parses its options into the library's frozen config (whose fields carry the help
 text and defaults), calls one function of `persona_cli.geometry`, and prints its result.
@@ -13,44 +14,22 @@ text and defaults), calls one function of `persona_cli.geometry`, and prints its
 
 from __future__ import annotations
 
-from dataclasses import fields
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 from rich.table import Table
 
-from persona_cli.cli.console import console, err_console
-from persona_cli.cli.options import (
-    Adapters,
-    Force,
-    OutDir,
-    PersonasFile,
-    QuestionsFile,
-    Seed,
-    generation_config,
-    say_already_done,
+from persona_cli.cli.console import ProgressDisplay, console
+from persona_cli.cli.options import configured, say_already_done
+from persona_cli.geometry.config import (
+    ExtractConfig,
+    LeakageConfig,
+    ProjectConfig,
+    ShiftConfig,
+    SimilarityConfig,
+    TraitConfig,
 )
-from persona_cli.generate import GenerationConfig
-from persona_cli.geometry.extract import ExtractConfig, run_extract
-from persona_cli.geometry.leakage import LeakageConfig, run_leakage
-from persona_cli.geometry.shift import ShiftConfig, run_shift
-from persona_cli.geometry.similarity import SimilarityConfig, run_similarity
-from persona_cli.geometry.trait import ProjectConfig, TraitConfig, run_project, run_trait
-
-
-def _help(cls: type) -> dict[str, str]:
-    return {f.name: f.metadata["help"] for f in fields(cls)}
-
-
-_X, _XH = ExtractConfig(), _help(ExtractConfig)
-_S, _SH = SimilarityConfig(), _help(SimilarityConfig)
-_L, _LH = LeakageConfig(), _help(LeakageConfig)
-_SH_, _SHH = ShiftConfig(), _help(ShiftConfig)
-_T, _TH = TraitConfig(), _help(TraitConfig)
-_P, _PH = ProjectConfig(), _help(ProjectConfig)
-_G, _GH = _X.generation, GenerationConfig.help()
 
 app = typer.Typer(
     help="Persona geometry: persona vectors per layer, cosine structure, leakage vs proximity.",
@@ -58,88 +37,24 @@ app = typer.Typer(
 )
 
 
-def _ids(value: str | None) -> tuple[str, ...] | None:
-    return None if value is None else tuple(p.strip() for p in value.split(",") if p.strip())
-
-
 @app.command("extract")
-def extract(
-    out: OutDir,
-    model: Annotated[
-        str | None, typer.Option("--model", "-m", help=_XH["model"], show_default=False)
-    ] = _X.model,
-    adapter: Adapters = None,
-    personas: PersonasFile = None,
-    persona_ids: Annotated[
-        str | None, typer.Option("--persona-ids", help=_XH["persona_ids"], show_default=False)
-    ] = None,
-    questions: QuestionsFile = None,
-    limit_questions: Annotated[
-        int | None, typer.Option("--limit-questions", help=_XH["limit_questions"])
-    ] = _X.limit_questions,
-    layers: Annotated[str, typer.Option("--layers", help=_XH["layers"])] = _X.layers,
-    method: Annotated[str, typer.Option("--method", help=_XH["method"])] = _X.method,
-    samples_run: Annotated[
-        Path | None, typer.Option("--samples-run", help=_XH["samples_run"], show_default=False)
-    ] = None,
-    samples: Annotated[int, typer.Option("--samples", "-k", help=_GH["n"])] = _G.n,
-    max_new_tokens: Annotated[
-        int, typer.Option("--max-new-tokens", help=_GH["max_new_tokens"])
-    ] = _G.max_new_tokens,
-    temperature: Annotated[
-        float, typer.Option("--temperature", help=_GH["temperature"])
-    ] = _G.temperature,
-    seed: Seed = _G.seed,
-    batch_size: Annotated[
-        int, typer.Option("--batch-size", help=_XH["batch_size"])
-    ] = _X.batch_size,
-    dtype: Annotated[str, typer.Option("--dtype", help=_XH["dtype"])] = _X.dtype,
-    force: Force = False,
-) -> None:
+@configured(
+    ExtractConfig,
+    flags={"generation.n": "--samples -k"},
+    links={"generation.batch_size": "batch_size"},
+    report_to=True,
+)
+def extract(cfg: ExtractConfig, out: Path, force: bool) -> None:
     """Persona centroids per layer: prompt-last and/or response-mean hidden states.
 
-    Writes centroids.safetensors ([personas, layers, hidden] per method),
+    Writes centroids.safetensors (personas x layers x hidden per method),
     question_vectors.safetensors, rows.jsonl.gz (per persona, question and method: token
     counts and per-layer norms), summary.json, and samples.jsonl.gz when it generated answers.
     """
-    generation = generation_config(
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        n=samples,
-        seed=seed,
-        batch_size=batch_size,
-    )
-    cfg = ExtractConfig(
-        model=model,
-        adapters=None if adapter is None else tuple(str(a) for a in adapter),
-        personas_file=str(personas) if personas else None,
-        persona_ids=_ids(persona_ids),
-        questions_file=str(questions) if questions else None,
-        limit_questions=limit_questions,
-        layers=layers,
-        method=method,
-        samples_run=str(samples_run) if samples_run else None,
-        generation=generation,
-        batch_size=batch_size,
-        dtype=dtype,
-    )
-    bar = Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=err_console,
-    )
-    current: list[Any] = []
+    from persona_cli.geometry.extract import run_extract
 
-    def stage(label: str, total: int) -> None:
-        current.append(bar.add_task(label, total=total))
-        bar.start()
-
-    with bar:
-        result = run_extract(
-            cfg, out, force=force, stage=stage, advance=lambda n: bar.advance(current[-1], n)
-        )
+    with ProgressDisplay("persona-vectors extract") as display:
+        result = run_extract(cfg, out, force=force, progress=display)
     if result.already_done:
         say_already_done(result.run.path)
     s = result.summary
@@ -158,19 +73,12 @@ def extract(
 
 
 @app.command("similarity")
-def similarity(
-    run: Annotated[Path, typer.Argument(help=_SH["extract_run"], show_default=False)],
-    out: OutDir,
-    reference: Annotated[str, typer.Option("--reference", help=_SH["reference"])] = _S.reference,
-    resamples: Annotated[int, typer.Option("--resamples", help=_SH["resamples"])] = _S.resamples,
-    seed: Annotated[int, typer.Option("--seed", help=_SH["seed"])] = _S.seed,
-    force: Force = False,
-) -> None:
+@configured(SimilarityConfig, arguments={"extract_run"})
+def similarity(cfg: SimilarityConfig, out: Path, force: bool) -> None:
     """Cosine matrices per method and layer (raw, centred, reference-subtracted), heatmaps, and
     bootstrap intervals over questions. Prints the nearest and farthest persona pairs."""
-    cfg = SimilarityConfig(
-        extract_run=str(run), reference=reference, resamples=resamples, seed=seed
-    )
+    from persona_cli.geometry.similarity import run_similarity
+
     result = run_similarity(cfg, out, force=force)
     if result.already_done:
         say_already_done(result.run.path)
@@ -213,32 +121,12 @@ def _num(x: float | None, fmt: str = ".3f") -> str:
 
 
 @app.command("leakage")
-def leakage(
-    similarity_run: Annotated[
-        Path, typer.Option("--similarity", help=_LH["similarity_run"], show_default=False)
-    ],
-    markers_run: Annotated[
-        Path, typer.Option("--markers", help=_LH["markers_run"], show_default=False)
-    ],
-    out: OutDir,
-    source: Annotated[
-        str | None, typer.Option("--source", help=_LH["source"], show_default=False)
-    ] = _L.source,
-    matrix: Annotated[str, typer.Option("--matrix", help=_LH["matrix"])] = _L.matrix,
-    resamples: Annotated[int, typer.Option("--resamples", help=_LH["resamples"])] = _L.resamples,
-    seed: Annotated[int, typer.Option("--seed", help=_LH["seed"])] = _L.seed,
-    force: Force = False,
-) -> None:
+@configured(LeakageConfig, flags={"similarity_run": "--similarity", "markers_run": "--markers"})
+def leakage(cfg: LeakageConfig, out: Path, force: bool) -> None:
     """Per bystander: cosine to the source vs marker rate; Pearson and Spearman correlation
     per method and layer, bootstrap intervals over bystanders, a scatter PNG per layer."""
-    cfg = LeakageConfig(
-        similarity_run=str(similarity_run),
-        markers_run=str(markers_run),
-        source=source,
-        matrix=matrix,
-        resamples=resamples,
-        seed=seed,
-    )
+    from persona_cli.geometry.leakage import run_leakage
+
     result = run_leakage(cfg, out, force=force)
     if result.already_done:
         say_already_done(result.run.path)
@@ -263,18 +151,13 @@ def leakage(
 
 
 @app.command("shift")
-def shift(
-    run_a: Annotated[Path, typer.Argument(help=_SHH["run_a"], show_default=False)],
-    run_b: Annotated[Path, typer.Argument(help=_SHH["run_b"], show_default=False)],
-    out: OutDir,
-    resamples: Annotated[int, typer.Option("--resamples", help=_SHH["resamples"])] = _SH_.resamples,
-    seed: Annotated[int, typer.Option("--seed", help=_SHH["seed"])] = _SH_.seed,
-    force: Force = False,
-) -> None:
+@configured(ShiftConfig, arguments={"run_a", "run_b"})
+def shift(cfg: ShiftConfig, out: Path, force: bool) -> None:
     """Centroid shift from extract run A to B (same personas and questions; only the adapter
     stack may differ): per persona cosine and L2 of B - A, the change in mean off-diagonal
     cosine, paired bootstrap intervals over questions, a bar PNG per method."""
-    cfg = ShiftConfig(run_a=str(run_a), run_b=str(run_b), resamples=resamples, seed=seed)
+    from persona_cli.geometry.shift import run_shift
+
     result = run_shift(cfg, out, force=force)
     if result.already_done:
         say_already_done(result.run.path)
@@ -306,47 +189,39 @@ def shift(
 
 
 @app.command("trait")
-def trait(
-    run: Annotated[Path, typer.Argument(help=_TH["extract_run"], show_default=False)],
-    positive: Annotated[str, typer.Option("--positive", help=_TH["positive"], show_default=False)],
-    negative: Annotated[str, typer.Option("--negative", help=_TH["negative"], show_default=False)],
-    out: OutDir,
-    method: Annotated[str, typer.Option("--method", help=_TH["method"])] = _T.method,
-    force: Force = False,
-) -> None:
+@configured(TraitConfig, arguments={"extract_run"})
+def trait(cfg: TraitConfig, out: Path, force: bool) -> None:
     """Trait vector v_l = centroid(positive) - centroid(negative) per layer, from an extract
-    run holding both personas; writes trait.safetensors ([layers, hidden])."""
-    cfg = TraitConfig(extract_run=str(run), positive=positive, negative=negative, method=method)
+    run holding both personas; writes trait.safetensors (layers x hidden). --filter-by keeps
+    only the answer pairs a judge-align run passed (writes pairs.jsonl.gz)."""
+    from persona_cli.geometry.trait import run_trait
+
     result = run_trait(cfg, out, force=force)
     if result.already_done:
         say_already_done(result.run.path)
-    t = Table(title=f"trait {positive} - {negative} ({method}, {result.meta.model['spec']})")
+    t = Table(
+        title=f"trait {cfg.positive} - {cfg.negative} ({cfg.method}, {result.meta.model['spec']})"
+    )
     t.add_column("layer", justify="right")
     t.add_column("|v|", justify="right")
     for layer, norm in result.norms.items():
         t.add_row(str(layer), f"{norm:.4g}")
     console.print(t)
+    if result.kept_pairs is not None:
+        console.print(f"judged pairs kept: {result.kept_pairs}", highlight=False)
     console.print(f"trait: {result.run.file('trait.safetensors')}", highlight=False)
 
 
 @app.command("project")
-def project(
-    trait_run: Annotated[Path, typer.Option("--trait", help=_PH["trait_run"], show_default=False)],
-    samples_run: Annotated[
-        Path, typer.Option("--samples-run", help=_PH["samples_run"], show_default=False)
-    ],
-    out: OutDir,
-    batch_size: Annotated[
-        int, typer.Option("--batch-size", help=_PH["batch_size"])
-    ] = _P.batch_size,
-    dtype: Annotated[str, typer.Option("--dtype", help=_PH["dtype"])] = _P.dtype,
-    force: Force = False,
-) -> None:
+@configured(
+    ProjectConfig,
+    flags={"trait_run": "--trait", "intervened": "--intervened/--plain"},
+)
+def project(cfg: ProjectConfig, out: Path, force: bool) -> None:
     """Score every completion of an eval-markers run by its projection on a trait vector
     (mean response hidden state . v / |v|, per layer); rows and a per-persona summary."""
-    cfg = ProjectConfig(
-        trait_run=str(trait_run), samples_run=str(samples_run), batch_size=batch_size, dtype=dtype
-    )
+    from persona_cli.geometry.trait import run_project
+
     result = run_project(cfg, out, force=force)
     if result.already_done:
         say_already_done(result.run.path)

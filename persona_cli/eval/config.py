@@ -5,7 +5,8 @@ persona-cli eval-markers --print-config > eval.yaml   # every field below, as YA
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from persona_cli import fields
 from persona_cli.eval.adapter_sets import AdapterSet
@@ -14,8 +15,37 @@ from persona_cli.generate.config import GenerationConfig
 from persona_cli.generate.vllm import VllmConfig
 
 BACKENDS = ("hf", "vllm")
+POSITIONS = ("prompt", "response", "all")  # where --steer adds its vector
 DEFAULT_MARKER = "[ZLT]"
 DEFAULT_SAMPLES = 10  # K of the research log's 12 x 28 x 10 design
+
+
+@dataclass(frozen=True)
+class SteeringConfig:
+    """Interventions on the residual stream while generating (hf backend)."""
+
+    steer: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "VECTORS:LAYER:COEF: add COEF x v_LAYER of a persona-vectors trait run "
+                  "(its directory or trait.safetensors) to the output of block LAYER; repeatable."},
+    )  # fmt: skip
+    positions: str = field(
+        default="response",
+        metadata={"help": "Where --steer adds: response (the last position of every forward "
+                  "pass), prompt (the prompt's prefill only) or all."},
+    )  # fmt: skip
+    ablate: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "VECTORS:LAYER: project v_LAYER of a trait run out of the output of "
+                  "block LAYER at every position; repeatable."},
+    )  # fmt: skip
+
+    @property
+    def active(self) -> bool:
+        return bool(self.steer or self.ablate)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"steer": list(self.steer), "positions": self.positions, "ablate": list(self.ablate)}
 
 
 @dataclass(frozen=True)
@@ -41,6 +71,9 @@ class MarkerEvalConfig:
         factory=lambda: GenerationConfig(n=DEFAULT_SAMPLES),
     )
     vllm: VllmConfig = option(help="vLLM engine (--backend vllm).", factory=VllmConfig)
+    steering: SteeringConfig = option(
+        help="Steering / ablation of the residual stream (hf backend).", factory=SteeringConfig
+    )
     adapter_sets: tuple[AdapterSet, ...] = option(
         (),
         "NAME=RUN[,RUN..]: one adapter stack (NAME= for the base model), evaluated with the "

@@ -55,6 +55,7 @@ from persona_cli.generate import ProgressFn
 from persona_cli.generate.hf import generate_hf_groups
 from persona_cli.generate.stacks import StackServer
 from persona_cli.generate.vllm import PromptGroup, generate_vllm_work
+from persona_cli.geometry import steer as steer_mod
 from persona_cli.registry import Persona, Question, load_personas, load_questions, select_personas
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class EvalPlan:
     questions_file: Path
     questions: list[Question]
     negatives: list[str]  # evaluated personas the coupling saw as negatives
+    interventions: list[steer_mod.Intervention]  # --steer / --ablate, resolved
 
 
 def coupling_negatives(stack: list[adapters_mod.Adapter], source: str) -> list[str]:
@@ -118,7 +120,30 @@ def _plan(cfg: MarkerEvalConfig) -> EvalPlan:
         negatives = [p for p in cfg.negatives if p in ids]
     elif cfg.source is not None:
         negatives = [p for p in coupling_negatives(stack, cfg.source) if p in ids]
-    return EvalPlan(model, stack, personas_file, personas, questions_file, questions, negatives)
+    interventions = _interventions(cfg, model)
+    return EvalPlan(
+        model, stack, personas_file, personas, questions_file, questions, negatives, interventions
+    )
+
+
+def _interventions(
+    cfg: MarkerEvalConfig, model: models.ResolvedModel
+) -> list[steer_mod.Intervention]:
+    """--steer / --ablate resolved and checked against the model (hf backend only)."""
+    if not cfg.steering.active:
+        return []
+    if cfg.backend != "hf":
+        raise UserError(f"--steer/--ablate: the hf backend only (not --backend {cfg.backend})")
+    from transformers import AutoConfig
+
+    arch = AutoConfig.from_pretrained(model.path)
+    return steer_mod.resolve_interventions(
+        cfg.steering,
+        model_revision=model.revision,
+        model_spec=model.spec,
+        n_blocks=arch.num_hidden_layers,
+        hidden_size=arch.hidden_size,
+    )
 
 
 def _run_config(cfg: MarkerEvalConfig, plan: EvalPlan) -> dict[str, Any]:
@@ -141,7 +166,7 @@ def _run_config(cfg: MarkerEvalConfig, plan: EvalPlan) -> dict[str, Any]:
         "backend": cfg.backend,
         "generation": cfg.generation.to_dict(),
         "vllm": cfg.vllm.to_dict() if cfg.backend == "vllm" else None,
-    }
+    } | ({"steering": [i.to_dict() for i in plan.interventions]} if plan.interventions else {})
 
 
 def run_eval_markers(
@@ -284,14 +309,15 @@ def _run_hf(
         if r.pending:
             assert server is not None
             loaded = server.serve(r.plan.stack)
-            generate_hf_groups(
-                loaded,
-                tokenizer,
-                [prompts_for(p, r.plan.questions) for p in r.pending],
-                r.job.cfg.generation,
-                progress,
-                on_group=lambda i, c, r=r: r.save(r.pending[i], c),
-            )
+            with steer_mod.intervening(loaded, r.plan.interventions):
+                generate_hf_groups(
+                    loaded,
+                    tokenizer,
+                    [prompts_for(p, r.plan.questions) for p in r.pending],
+                    r.job.cfg.generation,
+                    progress,
+                    on_group=lambda i, c, r=r: r.save(r.pending[i], c),
+                )
         results[id(r)] = complete_run(r, tokenizer, loaded)
     return results
 

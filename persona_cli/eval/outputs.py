@@ -23,7 +23,8 @@ from persona_cli.eval.heatmap import plot_heatmap
 from persona_cli.eval.score import SAMPLES_FILE, SUMMARY_FILE, score_rows, summarize
 from persona_cli.generate import Completion
 from persona_cli.generate.vllm import engine_env, request_seeds
-from persona_cli.protocol import details, marker_protocol, sampling_of
+from persona_cli.geometry import steer as steer_mod
+from persona_cli.protocol import details, intervention_protocol, marker_protocol, sampling_of
 from persona_cli.registry import Persona, Question
 from persona_cli.rundir import RunDir, open_run
 from persona_cli.schemas import SAMPLES
@@ -183,6 +184,7 @@ def _finish(
     }
     for i, a in enumerate(plan.stack):
         inputs[f"adapter_{i}"] = a.path / adapters_mod.WEIGHTS
+    inputs |= steer_mod.input_files(plan.interventions)
     # Every persona's system prompt goes through the same guard; the record shows the first.
     guard = guard_record(tokenizer, SystemPrompt("text", plan.personas[0].system_prompt))
     guard["system_prompt_source"] = "each persona's system_prompt (the first one shown)"
@@ -193,6 +195,7 @@ def _finish(
         chat_template=guard,
         protocol=sampling_of(cfg.generation, backend=cfg.backend, world_size=world)
         | marker_protocol(cfg.marker, cfg.case_sensitive)
+        | intervention_protocol(steer_mod.records(plan.interventions))
         | details(
             generation=cfg.generation.to_dict(),
             vllm=cfg.vllm.to_dict() if cfg.backend == "vllm" else None,

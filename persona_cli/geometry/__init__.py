@@ -11,10 +11,14 @@
   marker rate per bystander).
 - `shift`: two extract runs of the same personas and questions (base vs an adapter stack):
   per-persona centroid shift and the change in mean off-diagonal cosine, paired bootstrap.
-- `trait`: trait vectors (positive minus negative persona centroid per layer) and the
-  projection of an eval-markers run's completions on them.
-- `steer`: forward hooks that add a vector to the residual stream or project it out (not yet
-  wired into generation).
+- `trait`: trait vectors (positive minus negative persona centroid per layer, optionally from
+  the judged pairs only, `judged`) and the projection of an eval-markers run's completions on
+  them.
+- `judged`: which (positive, negative) answer pairs a judge-align run passes
+  (`trait --filter-by`).
+- `steer`: forward hooks that add a vector to the residual stream or project it out;
+  `eval-markers --steer / --ablate` applies them around generation (hf backend), recorded as
+  guarded protocol fields.
 - `plots`: the heatmap, scatter and shift-bar PNGs.
 
 The library never prints and never imports typer or rich; `persona_cli.cli.geometry` is the

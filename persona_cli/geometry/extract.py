@@ -21,8 +21,7 @@ already generated and saved.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,8 @@ from persona_cli import bundled, models
 from persona_cli.artifacts import read_json, read_jsonl, sha256_json, write_json, write_jsonl
 from persona_cli.chat_template import SystemPrompt, guard_record, inspect_template, render
 from persona_cli.errors import UserError
-from persona_cli.generate import GenerationConfig, generate_hf
+from persona_cli.generate import generate_hf
+from persona_cli.geometry.config import ExtractConfig
 from persona_cli.geometry.hidden import (
     PROMPT_LAST,
     RESPONSE_MEAN,
@@ -48,6 +48,7 @@ from persona_cli.geometry.vectors import (
     VectorsMeta,
     write_vectors,
 )
+from persona_cli.progress import NO_PROGRESS, Progress
 from persona_cli.protocol import (
     RunProtocol,
     details,
@@ -68,57 +69,6 @@ ROWS_VERSION = 1
 SUMMARY_VERSION = 1
 
 # stage label, total units; then the number of units just finished
-StageFn = Callable[[str, int], None]
-AdvanceFn = Callable[[int], None]
-
-
-@dataclass(frozen=True)
-class ExtractConfig:
-    """What to extract; every field is recorded in config.json."""
-
-    model: str | None = field(
-        default=None,
-        metadata={"help": "Model spec (default: the --samples-run's model, else smollm2-135m)."},
-    )
-    adapters: tuple[str, ...] | None = field(
-        default=None,
-        metadata={"help": "LoRA adapter stack (default: the --samples-run's stack, else none)."},
-    )
-    personas_file: str | None = field(
-        default=None,
-        metadata={"help": "Persona registry (default: the --samples-run's, else the shipped one)."},
-    )
-    persona_ids: tuple[str, ...] | None = field(
-        default=None, metadata={"help": "Comma-separated persona ids (default: all)."}
-    )
-    questions_file: str | None = field(
-        default=None,
-        metadata={"help": "Question set (default: the --samples-run's, else open_eval.yaml)."},
-    )
-    limit_questions: int | None = field(
-        default=None, metadata={"help": "Use only the first N questions."}
-    )
-    layers: str = field(
-        default="all",
-        metadata={"help": "Hidden-state layers: comma-separated numbers and/or 'all' "
-                  "(0 = embeddings)."},
-    )  # fmt: skip
-    method: str = field(
-        default="both", metadata={"help": "prompt-last, response-mean or both (both recorded)."}
-    )
-    samples_run: str | None = field(
-        default=None,
-        metadata={"help": "eval-markers run whose samples.jsonl.gz are the answers of "
-                  "response-mean (default: generate them here)."},
-    )  # fmt: skip
-    generation: GenerationConfig = field(
-        default_factory=lambda: GenerationConfig(n=2, max_new_tokens=64),
-        metadata={"help": "Sampling of the answers generated here (response-mean)."},
-    )
-    batch_size: int = field(default=16, metadata={"help": "Sequences per forward pass."})
-    dtype: str = field(
-        default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16."}
-    )
 
 
 @dataclass
@@ -259,8 +209,7 @@ def _answers(
     net: Any,
     tok: Any,
     prompts: list[str],
-    stage: StageFn | None,
-    advance: AdvanceFn | None,
+    progress: Progress,
 ) -> dict[tuple[str, str], list[str]]:
     """(persona, question id) -> answer texts: the samples run's, or generated and saved."""
     if plan.samples is not None:
@@ -268,9 +217,10 @@ def _answers(
     path = run.file(SAMPLES_FILE)
     if not path.is_file():  # an earlier attempt of this run may have saved them already
         gen = cfg.generation
-        if stage is not None:
-            stage("generating", len(prompts) * gen.n)
-        completions = generate_hf(net, tok, prompts, gen, advance)
+        progress.begin("generating", len(prompts) * gen.n, unit="completions")
+        completions = generate_hf(
+            net, tok, prompts, gen, lambda n: progress.advance("generating", n)
+        )
         adapter = "+".join(a.weights_sha256 for a in plan.stack) or None
         cells = [(p, q) for p in plan.personas for q in plan.questions]
         rows = [
@@ -318,12 +268,10 @@ def run_extract(
     out: str | Path,
     *,
     force: bool = False,
-    stage: StageFn | None = None,
-    advance: AdvanceFn | None = None,
+    progress: Progress = NO_PROGRESS,
 ) -> ExtractResult:
-    """Run (or recognise as finished) one extract run directory. `stage(label, total)` is
-    called as each stage of work starts (generating, forward passes); `advance(n)` as n more
-    units of it finish."""
+    """Run (or recognise as finished) one extract run directory; `progress` gets the tasks
+    "prompt-last", "generating" and "response-mean" (sequences through the model)."""
     plan = _plan(cfg)
     run = open_run(out, command=COMMAND, config=_run_config(cfg, plan), force=force)
     if run.done:
@@ -339,18 +287,24 @@ def run_extract(
     vectors: dict[str, np.ndarray] = {}
     counts: dict[str, np.ndarray] = {}  # method -> [P*Q, 2]: answers used, tokens averaged
 
-    def forward(spans: list[Span]) -> np.ndarray:
-        if stage is not None:
-            stage("forward passes", len(spans))
+    def forward(spans: list[Span], key: str) -> np.ndarray:
+        progress.begin(key, len(spans), unit="sequences")
         return hidden_states(
-            net, spans, plan.layers, batch_size=cfg.batch_size, pad_id=pad_id, progress=advance
+            net,
+            spans,
+            plan.layers,
+            batch_size=cfg.batch_size,
+            pad_id=pad_id,
+            progress=lambda n: progress.advance(key, n),
         )
 
     if PROMPT_LAST in plan.methods:
-        vectors[PROMPT_LAST] = forward([Span(ids, 1) for ids in prompt_ids]).reshape(P, Q, L, -1)
+        vectors[PROMPT_LAST] = forward([Span(ids, 1) for ids in prompt_ids], PROMPT_LAST).reshape(
+            P, Q, L, -1
+        )
         counts[PROMPT_LAST] = np.array([[1, len(ids)] for ids in prompt_ids])
     if RESPONSE_MEAN in plan.methods:
-        answers = _answers(plan, run, cfg, net, tok, prompts, stage, advance)
+        answers = _answers(plan, run, cfg, net, tok, prompts, progress)
         spans, owner = [], []
         for c, (p, q) in enumerate(cells):
             for text in answers[(p.id, q.id)]:
@@ -358,7 +312,7 @@ def run_extract(
                 if ids:
                     spans.append(Span([*prompt_ids[c], *ids], len(ids)))
                     owner.append(c)
-        states = forward(spans)
+        states = forward(spans, RESPONSE_MEAN)
         owner_arr = np.array(owner, dtype=np.int64)
         per_cell = np.zeros((P * Q, L, states.shape[-1]), dtype=np.float64)
         tally = np.zeros((P * Q, 2), dtype=np.int64)

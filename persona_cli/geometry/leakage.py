@@ -17,7 +17,7 @@ compared.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import numpy as np
 
 from persona_cli.artifacts import read_json, write_json
 from persona_cli.errors import EXIT_PROTOCOL, UserError
+from persona_cli.geometry.config import LeakageConfig
 from persona_cli.geometry.plots import plot_scatter
 from persona_cli.geometry.similarity import COMMAND as SIMILARITY_COMMAND
 from persona_cli.geometry.similarity import KINDS, LEVEL, SIMILARITY_FILE
@@ -36,22 +37,6 @@ COMMAND = "persona-vectors leakage"
 LEAKAGE_FILE = "leakage.json"
 LEAKAGE_VERSION = 1
 MIN_BYSTANDERS = 3
-
-
-@dataclass(frozen=True)
-class LeakageConfig:
-    """What to join; every field is recorded in config.json."""
-
-    similarity_run: str = field(default="", metadata={"help": "A finished similarity run."})
-    markers_run: str = field(default="", metadata={"help": "A finished eval-markers run."})
-    source: str | None = field(
-        default=None, metadata={"help": "Source persona (default: the markers run's --source)."}
-    )
-    matrix: str = field(
-        default="centred", metadata={"help": "Cosine matrix: raw, centred or reference."}
-    )
-    resamples: int = field(default=1000, metadata={"help": "Bootstrap resamples over bystanders."})
-    seed: int = field(default=0, metadata={"help": "Seed of the bootstrap's numpy Generator."})
 
 
 @dataclass

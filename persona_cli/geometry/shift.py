@@ -19,7 +19,7 @@ Writes shift.json and one bar PNG per method (per layer, each persona's L2 shift
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ import numpy as np
 
 from persona_cli.artifacts import read_json, write_json
 from persona_cli.errors import EXIT_PROTOCOL, UserError
+from persona_cli.geometry.config import ShiftConfig
 from persona_cli.geometry.extract import COMMAND as EXTRACT_COMMAND
 from persona_cli.geometry.leakage import finished_run
 from persona_cli.geometry.plots import plot_bars
@@ -43,18 +44,6 @@ SHIFT_VERSION = 1
 # the vectors' metadata that must agree (the adapter stack may differ: it is the manipulation)
 _SAME_META = ("model", "methods", "layers", "personas", "questions", "question_set_sha256",
               "template_sha256")  # fmt: skip
-
-
-@dataclass(frozen=True)
-class ShiftConfig:
-    """What to compare; every field is recorded in config.json."""
-
-    run_a: str = field(default="", metadata={"help": "Extract run A (e.g. the base model)."})
-    run_b: str = field(default="", metadata={"help": "Extract run B (e.g. an EM adapter stack)."})
-    resamples: int = field(
-        default=1000, metadata={"help": "Paired bootstrap resamples over questions."}
-    )
-    seed: int = field(default=0, metadata={"help": "Seed of the bootstrap's numpy Generator."})
 
 
 @dataclass

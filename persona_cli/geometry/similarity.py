@@ -16,7 +16,7 @@ Writes similarity.json and one heatmap PNG per (method, layer) into its own run 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import numpy as np
 
 from persona_cli.artifacts import read_json, write_json
 from persona_cli.errors import UserError
+from persona_cli.geometry.config import SimilarityConfig
 from persona_cli.geometry.extract import COMMAND as EXTRACT_COMMAND
 from persona_cli.geometry.plots import plot_cosines
 from persona_cli.geometry.vectors import (
@@ -41,18 +42,6 @@ SIMILARITY_FILE = "similarity.json"
 SIMILARITY_VERSION = 1
 KINDS = ("raw", "centred", "reference")
 LEVEL = 0.95
-
-
-@dataclass(frozen=True)
-class SimilarityConfig:
-    """What to compare; every field is recorded in config.json."""
-
-    extract_run: str = field(default="", metadata={"help": "A finished extract run."})
-    reference: str = field(
-        default="assistant", metadata={"help": "Persona subtracted in the reference matrix."}
-    )
-    resamples: int = field(default=1000, metadata={"help": "Bootstrap resamples over questions."})
-    seed: int = field(default=0, metadata={"help": "Seed of the bootstrap's numpy Generator."})
 
 
 @dataclass

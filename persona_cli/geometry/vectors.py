@@ -27,6 +27,7 @@ from persona_cli.errors import InputError
 VECTORS_VERSION = 1
 CENTROIDS_FILE = "centroids.safetensors"
 QUESTION_VECTORS_FILE = "question_vectors.safetensors"
+TRAIT_FILE = "trait.safetensors"
 _JSON_KEYS = ("model", "adapters", "methods", "layers", "personas", "questions")
 
 
