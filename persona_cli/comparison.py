@@ -47,3 +47,14 @@ class ComparisonConfig:
     @classmethod
     def help(cls) -> dict[str, str]:
         return {f.name: f.metadata["help"] for f in dataclasses.fields(cls)}
+
+
+def describe_test(record: dict[str, Any]) -> str:
+    """'welch, two-sided' or 'fisher, less, pooled': what a printed p-value comes from."""
+    return ", ".join(
+        [record["test"], record["alternative"], *(["pooled"] if record["pooled"] else [])]
+    )
+
+
+def format_p(p: float | None) -> str:
+    return "-" if p is None else f"{p:.3g}"

@@ -28,11 +28,13 @@ from typing import Any
 
 import numpy as np
 
-from persona_cli.comparison import (
+from persona_cli.comparison import (  # noqa: F401 (describe_test, format_p: re-exported)
     ADJUST_METHODS,
     ALTERNATIVES,
     COUNT_TESTS,
     ComparisonConfig,
+    describe_test,
+    format_p,
 )
 
 PROPORTION_METHODS = {"wilson": "wilson", "wald": "normal", "beta": "beta"}  # ours -> statsmodels
@@ -382,17 +384,6 @@ def adjust_headlines(comparisons: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "methods": list(FAMILY_METHODS),
         "m": sum(p is not None for p in raw),
     }
-
-
-def describe_test(record: dict[str, Any]) -> str:
-    """'welch, two-sided' or 'fisher, less, pooled': what a printed p-value comes from."""
-    return ", ".join(
-        [record["test"], record["alternative"], *(["pooled"] if record["pooled"] else [])]
-    )
-
-
-def format_p(p: float | None) -> str:
-    return "-" if p is None else f"{p:.3g}"
 
 
 def summarize_seeds(values_by_seed: Mapping[int, float], alpha: float = 0.05) -> dict[str, Any]:

@@ -4,52 +4,19 @@
         --alternative less
     persona-cli proportions --row "dose 10:166/280:113/280" --alternative greater --out runs/p
 
-`--test` and `--alternative` are declared here once and shared with `dose-sweep`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
-import typer
 from rich import box
 from rich.table import Table
 
 from persona_cli import proportions as lib
 from persona_cli.cli.console import console
 from persona_cli.cli.options import configured, say_already_done
-from persona_cli.comparison import ComparisonConfig
-
-_CMP = ComparisonConfig()
-_CMP_HELP = ComparisonConfig.help()
-
-# None: the default (or, for `dose-sweep summarize`, what the sweep recorded).
-_RECORDED = "dose-sweep summarize: as the sweep recorded"
-CountTestOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--test",
-        help=f"{_CMP_HELP['test']} Default: {_CMP.test} ({_RECORDED}).",
-        show_default=False,
-    ),
-]
-AlternativeOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--alternative",
-        help=f"{_CMP_HELP['alternative']} Default: {_CMP.alternative} ({_RECORDED}).",
-        show_default=False,
-    ),
-]
-
-
-def comparison_config(
-    test: str | None, alternative: str | None, base: ComparisonConfig = _CMP
-) -> ComparisonConfig:
-    """`base` with the options that were given; checked."""
-    given = {k: v for k, v in (("test", test), ("alternative", alternative)) if v is not None}
-    return ComparisonConfig(**{**base.to_dict(), **given}).check()
 
 
 def _pct(x: float) -> str:

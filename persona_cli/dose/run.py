@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import fcntl
 import queue
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from persona_cli.dose.plan import Cell, lock_path
+from persona_cli.dose.plan import Cell, cell_env, lock_path
 from persona_cli.errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED
 from persona_cli.rundir import is_done
 
@@ -149,3 +151,20 @@ def run_cells(
             else:  # the invocation failed, or ended without finishing this cell
                 finish(CellOutcome(c.name, False, False, "eval", code or EXIT_CHECK_FAILED))
     return [outcomes[c.name] for c in cells if c.name in outcomes]
+
+
+def run_subprocess(argv: tuple[str, ...], gpu: str | None) -> int:
+    """`Invoke` for a pod: `python -m persona_cli ARGV` with CUDA_VISIBLE_DEVICES=gpu, its
+    output appended to one log per command (and GPU, for adapter-set evaluations)."""
+    out_dir = Path(argv[argv.index("--out") + 1])
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    suffix = f"_gpu{gpu}" if "--adapter-sets" in argv and gpu is not None else ""
+    log_file = (out_dir if suffix else out_dir.parent) / f"{argv[0]}{suffix}.log"
+    with open(log_file, "ab") as f:
+        proc = subprocess.run(
+            [sys.executable, "-m", "persona_cli", *argv],
+            env=cell_env(gpu),
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
+    return proc.returncode
