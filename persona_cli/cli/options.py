@@ -145,6 +145,12 @@ def _from_flag(value: Any, leaf: Leaf, flag: str) -> Any:
     if item is not None:
         parts = value if isinstance(value, list) else [p.strip() for p in value.split(",")]
         parts = [p for p in parts if str(p) != ""]
+        if item in (int, float) and not isinstance(value, list):
+            try:
+                return tuple(item(p) for p in parts)
+            except ValueError:
+                kind = "integers" if item is int else "numbers"
+                raise UserError(f"{flag} {value!r}: expected comma-separated {kind}") from None
         return tuple(_typed(p, item, flag) for p in parts)
     if inner not in (int, float, str, bool, Path):
         return _typed(value, inner, flag)
