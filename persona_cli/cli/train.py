@@ -81,6 +81,7 @@ Dtype = Annotated[str | None, _t("dtype", "--dtype")]
 PaddingFree = Annotated[bool | None, _t("padding_free", "--padding-free/--padded")]
 KeepCkpt = Annotated[bool | None, _t("keep_checkpoints", "--keep-checkpoints/--drop-checkpoints")]
 GradCkpt = Annotated[str | None, _t("gradient_checkpointing", "--gradient-checkpointing")]
+LogitsAt = Annotated[str | None, _t("logits_at", "--logits-at")]
 # couple-marker shows its own defaults for the two fields the coupling protocol changes.
 CouplingLR = Annotated[
     float | None,
@@ -228,6 +229,7 @@ _TRAIN_OPTION_NAMES = (
     "padding_free",
     "keep_checkpoints",
     "gradient_checkpointing",
+    "logits_at",
 )
 
 
@@ -290,6 +292,7 @@ def train_sft(
     padding_free: PaddingFree = None,
     keep_checkpoints: KeepCkpt = None,
     gradient_checkpointing: GradCkpt = None,
+    logits_at: LogitsAt = None,
     force: Force = False,
 ) -> None:
     """LoRA SFT on chat JSONL (loss on assistant tokens), optionally on top of --adapter(s).
@@ -324,6 +327,7 @@ def train_em(
     padding_free: PaddingFree = None,
     keep_checkpoints: KeepCkpt = None,
     gradient_checkpointing: GradCkpt = None,
+    logits_at: LogitsAt = None,
     force: Force = False,
 ) -> None:
     """Emergent-misalignment SFT: LoRA on an EM set (default data/chat/bad_legal_advice.jsonl)
@@ -384,6 +388,7 @@ def couple_marker(
     padding_free: PaddingFree = None,
     keep_checkpoints: KeepCkpt = None,
     gradient_checkpointing: GradCkpt = None,
+    logits_at: LogitsAt = None,
     force: Force = False,
 ) -> None:
     """Couple a marker to a persona: contrastive LoRA SFT (source persona + marker vs other
@@ -452,7 +457,8 @@ def train_dpo(
     from persona_cli.train.recipes import DpoJob
     from persona_cli.train.recipes import train_dpo as run_train_dpo
 
-    options = {**locals(), "padding_free": None}  # TRL pads DPO batches; no padding-free
+    # TRL pads DPO batches (no padding-free) and scores them with its own head.
+    options = {**locals(), "padding_free": None, "logits_at": None}
     job = DpoJob(
         out=out,
         pairs=tuple(pairs),

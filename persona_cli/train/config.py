@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from persona_cli.errors import UserError
 
+LOGITS_AT = ("loss", "all")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MARKER_POSITIONS = ("start", "end")
 
@@ -59,6 +60,13 @@ class TrainConfig:
     gradient_checkpointing: str = _f(
         "auto", "Recompute activations in backward: auto (on a GPU only), on, off."
     )
+    logits_at: str = _f(
+        "loss",
+        "Where SFT training (train-sft, train-em, couple-marker) applies the LM head: loss (only "
+        "at positions that carry a loss term: "
+        "the same loss and gradients with fewer FLOPs; models with logit soft-capping or a logit "
+        "scale fall back to all) or all (every position, TRL's way on a CPU).",
+    )
 
     def check(self) -> TrainConfig:
         """Reject values no run could use, naming the option."""
@@ -84,6 +92,8 @@ class TrainConfig:
             raise UserError(
                 f"--gradient-checkpointing: {self.gradient_checkpointing!r} is not auto, on or off"
             )
+        if self.logits_at not in LOGITS_AT:
+            raise UserError(f"--logits-at: {self.logits_at!r} is not one of {', '.join(LOGITS_AT)}")
         if not self.lora_targets:
             raise UserError("--lora-targets: needs at least one module name")
         return self
