@@ -366,6 +366,9 @@ def couple_marker(
     marker_only_loss: Annotated[
         bool | None, _c("marker_only_loss", "--marker-only-loss/--assistant-loss")
     ] = None,
+    hard_negatives: Annotated[int | None, _c("hard_negatives", "--hard-negatives")] = None,
+    pilot_steps: Annotated[int | None, _c("pilot_steps", "--pilot-steps")] = None,
+    pilot_questions: Annotated[int | None, _c("pilot_questions", "--pilot-questions")] = None,
     questions: QuestionsFile = None,
     personas: PersonasFile = None,
     model: ModelSpec = "smollm2-135m",
@@ -407,6 +410,9 @@ def couple_marker(
         n_other_personas=n_other_personas,
         other_personas=negative_persona or None,
         marker_only_loss=marker_only_loss,
+        hard_negatives=hard_negatives,
+        pilot_steps=pilot_steps,
+        pilot_questions=pilot_questions,
         seed=seed,
     )
     cfg = _config_from_options(coupling_train_defaults(), locals())
@@ -422,7 +428,12 @@ def couple_marker(
         answer_max_new_tokens=answer_max_new_tokens,
         force=force,
     )
-    _report(run_couple_marker(job, callbacks=_callbacks("couple-marker")))
+    outcome = run_couple_marker(
+        job,
+        callbacks=_callbacks("couple-marker"),
+        pilot_callbacks=_callbacks("couple-marker pilot"),
+    )
+    _report(outcome)
 
 
 def train_dpo(
