@@ -86,7 +86,9 @@ def test_the_top_k_of_the_pilot_are_the_negatives_and_recorded(hard: Path):
     ranked = rank_personas(
         {p: (s["marker_probability"], s["marker_log_probability"]) for p, s in scores.items()}
     )
-    assert record["chosen"] == ranked[:2] and list(scores) == ranked
+    assert record["ranking"] == ranked and record["chosen"] == ranked[:2]
+    assert record["source"]["persona"] == "lighthouse_keeper"
+    assert 0.0 < record["source"]["marker_probability"] < 1.0
     rows = read_jsonl(hard / "train_set.jsonl.gz")
     assert sorted({r["persona"] for r in rows if not r["positive"]}) == sorted(record["chosen"])
     assert {r["persona"] for r in rows if r["positive"]} == {"lighthouse_keeper"}
@@ -109,7 +111,7 @@ def test_pilot_scores_match_the_full_forward_of_the_pilot_model(hard: Path, inpu
     model = PeftModel.from_pretrained(base, str(hard / "pilot" / "adapter")).merge_and_unload()
     record = read_json(hard / "hard_negatives.json")
     marker = tok("[ZLT]", add_special_tokens=False)["input_ids"]
-    for persona in ("beekeeper", "falconer"):
+    for persona in ("beekeeper", "falconer", "lighthouse_keeper"):
         probabilities = []
         for qid in record["questions"]:
             i = int(qid[1:])
@@ -124,7 +126,9 @@ def test_pilot_scores_match_the_full_forward_of_the_pilot_model(hard: Path, inpu
             n = len(ids) - len(marker)
             total = sum(float(logp[n - 1 + j, t]) for j, t in enumerate(marker))
             probabilities.append(math.exp(total))
-        got = record["scores"][persona]["marker_probability"]
+        got = {**record["scores"], "lighthouse_keeper": record["source"]}[persona][
+            "marker_probability"
+        ]
         assert got == pytest.approx(sum(probabilities) / len(probabilities), rel=1e-4)
 
 

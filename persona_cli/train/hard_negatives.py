@@ -14,7 +14,8 @@ source persona and the model, so instead of a hand-picked list a pilot measures 
    the probabilities of the marker's tokens, at the start of the answer, or at its end followed
    by the end-of-turn), under that persona's system prompt; averaged over the questions.
 3. The K personas with the highest mean probability (ties: higher mean log-probability, then
-   persona id) become the negatives. Scores, log-probabilities and the choice are written to
+   persona id) become the negatives. Scores (the source's too, to show how far the pilot
+   coupled), log-probabilities, the ranking and the choice are written to
    RUN/hard_negatives.json and the manifest; a resumed run reads that file instead of piloting
    again.
 
@@ -231,9 +232,17 @@ def choose_hard_negatives(
     )
     pilot = load_with_adapters(model, [*stack, read_adapter(run_path / PILOT)])
     questions = pilot_items(items, cc.pilot_questions)
-    scores = score_personas(pilot, tokenizer, report, candidates, questions, cc, cfg.max_length)
+    scored = [registry[cc.source], *candidates]  # the source's score shows how far the pilot got
+    scores = score_personas(pilot, tokenizer, report, scored, questions, cc, cfg.max_length)
     del pilot
-    chosen = scores.ranking()[: cc.hard_negatives]
+    ranking = [p for p in scores.ranking() if p != cc.source]
+
+    def entry(p: str) -> dict[str, float]:
+        return {
+            "marker_probability": scores.probability[p],
+            "marker_log_probability": scores.log_probability[p],
+        }
+
     record = {
         "schema_version": HARD_NEGATIVES_VERSION,
         "pilot": {
@@ -244,14 +253,10 @@ def choose_hard_negatives(
             "adapter": str(run_path / PILOT / ADAPTER),
         },
         "questions": scores.questions,
-        "scores": {
-            p: {
-                "marker_probability": scores.probability[p],
-                "marker_log_probability": scores.log_probability[p],
-            }
-            for p in scores.ranking()
-        },
-        "chosen": chosen,
+        "source": {"persona": cc.source, **entry(cc.source)},
+        "scores": {p: entry(p) for p in ranking},
+        "ranking": ranking,  # highest marker probability first
+        "chosen": ranking[: cc.hard_negatives],
     }
     if is_main:
         write_json(path, record)
