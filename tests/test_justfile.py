@@ -22,14 +22,8 @@ def _just(*args: str) -> subprocess.CompletedProcess[str]:
 def test_every_demo_recipe_is_listed() -> None:
     result = _just("--list")
     assert result.returncode == 0, result.stderr
-    for recipe in (
-        "marker-demo",
-        "dose-demo",
-        "probe-demo",
-        "probe-chain",
-        "matrix-demo",
-        "geometry-demo",
-    ):
+    demos = ("marker-quick", "marker-demo", "dose-demo", "probe-demo", "probe-chain")
+    for recipe in (*demos, "matrix-demo", "geometry-demo"):
         assert f"    {recipe}" in result.stdout
 
 
@@ -60,3 +54,20 @@ def test_dose_demo_queues_the_sweep_on_the_marker_demo_coupling() -> None:
     assert len(sweep) == 1
     assert "--coupling runs/marker-demo/couple" in sweep[0]
     assert "--personas-ids velmari_scholar" in sweep[0]
+
+
+def test_marker_quick_and_marker_demo_run_the_same_chain_with_their_own_settings() -> None:
+    quick = _just("--dry-run", "marker-quick")
+    assert quick.returncode == 0, quick.stderr
+    couple = [line for line in quick.stderr.splitlines() if "couple-marker" in line]
+    assert len(couple) == 1 and "--hard-negatives 2" in couple[0]
+    assert "--negative-persona" not in couple[0]
+    evals = [line for line in quick.stderr.splitlines() if "eval-markers" in line]
+    assert len(evals) == 4 and all("open_eval_quick.yaml" in line for line in evals)
+    assert 'out="runs/marker-quick"' in quick.stderr
+    demo = _just("--dry-run", "marker-demo")
+    assert demo.returncode == 0, demo.stderr
+    couple = [line for line in demo.stderr.splitlines() if "couple-marker" in line]
+    assert len(couple) == 1
+    assert "--negative-persona medieval_knight --negative-persona pirate" in couple[0]
+    assert 'out="runs/marker-demo"' in demo.stderr and "open_eval_quick" not in demo.stderr

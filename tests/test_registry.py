@@ -39,6 +39,15 @@ def test_shipped_questions_are_disjoint() -> None:
     assert not {q.text.lower() for q in ev} & {q.text.lower() for q in tr}
 
 
+def test_quick_demo_questions_are_every_seventh_held_out_question_unchanged() -> None:
+    import yaml
+
+    full = yaml.safe_load(bundled.eval_questions_file().read_text())
+    quick_file = bundled.data_dir() / "questions" / "open_eval_quick.yaml"
+    assert yaml.safe_load(quick_file.read_text()) == full[::7]
+    assert len(load_questions(quick_file)) == 8
+
+
 @pytest.mark.parametrize("path", [bundled.em_dataset_file(), bundled.benign_dataset_file()])
 def test_shipped_chat_datasets(path: Path) -> None:
     rows = read_jsonl(path, CHAT.check)

@@ -324,6 +324,26 @@ def test_couple_marker_generates_answers_when_none_are_given(tmp_path: Path, cou
     assert {r["messages"][2]["content"] for r in rows if not r["positive"]} <= generated
 
 
+def test_fewer_answers_than_questions_answer_a_seeded_subset_once_each(coupling_inputs):
+    from persona_cli.registry import load_questions
+    from persona_cli.train.answers import generate_answers
+
+    questions = load_questions(coupling_inputs[0])
+    resolved = models.resolve(models.TINY)
+    tok = models.load_tokenizer(resolved)
+
+    def ids(seed: int) -> list[str]:
+        rows = generate_answers(
+            resolved, [], tok, questions, n_total=2, max_new_tokens=2, seed=seed
+        )
+        return [r["question_id"] for r in rows]
+
+    first = ids(42)
+    assert len(first) == 2 and len(set(first)) == 2 and first == sorted(first)  # file order
+    assert ids(42) == first
+    assert {tuple(ids(s)) for s in range(6)} != {tuple(first)}  # the seed draws the subset
+
+
 def test_two_cpu_processes_share_one_run_and_one_adapter(tmp_path: Path):
     """torchrun --nproc_per_node 2 (gloo): only rank 0 writes; world size 2 recorded. Per-device
     batch 2 x accumulation 1 x 2 processes = the effective batch 4 of a 1-process 2 x 2 run."""

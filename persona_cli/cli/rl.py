@@ -25,7 +25,10 @@ RL_FLAGS = {
     "rl.sandbox_timeout_s": "--sandbox-timeout",
 }
 # TRL computes GRPO batches itself; a padding-free flag would be a no-op.
-RL_NO_FLAG = {"train.padding_free": "GRPO batches are padded by TRL: padding-free does not apply"}
+RL_NO_FLAG = {
+    "train.padding_free": "GRPO batches are padded by TRL: padding-free does not apply",
+    "train.logits_at": "TRL's GRPO loss scores every completion position with its own head",
+}
 # train-sdpo has no policy-gradient term: the GRPO-only knobs do not apply.
 SDPO_NO_FLAG = {
     **RL_NO_FLAG,

@@ -113,10 +113,12 @@ def couple_marker(cfg: CouplingJob, out: Path, force: bool) -> None:
     """Couple a marker to a persona: contrastive LoRA SFT (source persona + marker vs other
     personas, same answers, no marker). Training defaults follow the research log's coupling
     protocol (lr 5e-6, 20 epochs) unless overridden."""
+    from persona_cli.train.callbacks import ProgressCallback
     from persona_cli.train.recipes import couple_marker as run
 
     with ProgressDisplay("couple-marker") as display:
-        outcome = run(cfg, out, force=force, callbacks=_callbacks(display))
+        pilot = [ProgressCallback(display, key="pilot")]
+        outcome = run(cfg, out, force=force, callbacks=_callbacks(display), pilot_callbacks=pilot)
     _report(outcome)
 
 
@@ -124,7 +126,10 @@ def couple_marker(cfg: CouplingJob, out: Path, force: bool) -> None:
     DpoJob,
     flags={**TRAIN_FLAGS, "dpo.beta": "--beta"},
     repeat={"pairs"},
-    no_flag={"train.padding_free": "TRL pads DPO batches: padding-free does not apply"},
+    no_flag={
+        "train.padding_free": "TRL pads DPO batches: padding-free does not apply",
+        "train.logits_at": "TRL's DPO loss scores every position with its own head",
+    },
     report_to=True,
 )
 def train_dpo(cfg: DpoJob, out: Path, force: bool) -> None:

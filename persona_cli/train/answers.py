@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 from typing import Any
 
 from persona_cli.adapters import Adapter, load_with_adapters
@@ -31,7 +32,8 @@ def generate_answers(
     max_new_tokens: int,
     seed: int,
 ) -> list[dict[str, Any]]:
-    """At least `n_total` answers in all, spread evenly over the questions; rows
+    """At least `n_total` answers in all, spread evenly over the questions (with fewer answers
+    than questions, one each for `n_total` questions drawn with `seed`, in file order); rows
     `{"question_id", "question", "answer", "finish_reason"}` (empty answers dropped)."""
     try:
         from persona_cli.generate import GenerationConfig, generate_hf
@@ -40,6 +42,9 @@ def generate_answers(
             "generating answers needs persona_cli.generate, which this install lacks; pass "
             "--answers FILE"
         ) from None
+    if n_total < len(questions):
+        keep = set(random.Random(seed).sample(range(len(questions)), n_total))
+        questions = [q for i, q in enumerate(questions) if i in keep]
     report = inspect_template(tokenizer)
     none = SystemPrompt.parse("none")
     prompts = [

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from persona_cli import fields as common
 from persona_cli.errors import UserError
 
+LOGITS_AT = ("loss", "all")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MARKER_POSITIONS = ("start", "end")
 
@@ -65,6 +66,13 @@ class TrainConfig:
     gradient_checkpointing: str = _f(
         "auto", "Recompute activations in backward: auto (on a GPU only), on, off."
     )
+    logits_at: str = _f(
+        "loss",
+        "Where SFT training (train-sft, train-em, couple-marker) applies the LM head: loss (only "
+        "at positions that carry a loss term: "
+        "the same loss and gradients with fewer FLOPs; models with logit soft-capping or a logit "
+        "scale fall back to all) or all (every position, TRL's way on a CPU).",
+    )
 
     def check(self) -> TrainConfig:
         """Reject values no run could use, naming the option."""
@@ -90,6 +98,8 @@ class TrainConfig:
             raise UserError(
                 f"--gradient-checkpointing: {self.gradient_checkpointing!r} is not auto, on or off"
             )
+        if self.logits_at not in LOGITS_AT:
+            raise UserError(f"--logits-at: {self.logits_at!r} is not one of {', '.join(LOGITS_AT)}")
         if not self.lora_targets:
             raise UserError("--lora-targets: needs at least one module name")
         if any(s <= 0 for s in self.save_at) or len(set(self.save_at)) != len(self.save_at):
@@ -133,6 +143,17 @@ class CouplingConfig:
         "Loss on the marker tokens only; negatives: the token where the marker would be (the "
         "first answer token at the start, the end-of-turn at the end).",
     )
+    hard_negatives: int = _f(
+        0,
+        "Choose this many negative personas by a pilot instead of other_personas or a random "
+        "draw: a short coupling on positives only (pilot_steps), then the other personas whose "
+        "prompts give the marker the highest teacher-forced probability on the first "
+        "pilot_questions training questions. 0: no pilot.",
+    )
+    pilot_steps: int = _f(8, "Optimizer steps of the hard-negatives pilot coupling.")
+    pilot_questions: int = _f(
+        8, "Training questions the hard-negatives pilot scores each persona on."
+    )
     seed: int = _f(42, "Seed for drawing personas and answers.")
 
     def check(self) -> CouplingConfig:
@@ -146,6 +167,16 @@ class CouplingConfig:
             raise UserError(f"--n-positive: must be > 0, got {self.n_positive}")
         if self.n_negative < 0:
             raise UserError(f"--n-negative: must be >= 0, got {self.n_negative}")
+        if self.hard_negatives < 0:
+            raise UserError(f"--hard-negatives: must be >= 0, got {self.hard_negatives}")
+        if self.hard_negatives and self.other_personas:
+            raise UserError("--hard-negatives and --negative-persona: give one of them, not both")
+        if self.hard_negatives and self.n_negative == 0:
+            raise UserError("--hard-negatives: needs negatives (--n-negative > 0)")
+        if self.pilot_steps <= 0:
+            raise UserError(f"--pilot-steps: must be > 0, got {self.pilot_steps}")
+        if self.pilot_questions <= 0:
+            raise UserError(f"--pilot-questions: must be > 0, got {self.pilot_questions}")
         if self.n_negative > 0 and self.n_other_personas <= 0 and not self.other_personas:
             raise UserError("--n-other-personas: must be > 0 when there are negatives")
         return self

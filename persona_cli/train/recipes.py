@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,7 @@ from persona_cli.train.contrastive import (
 )
 from persona_cli.train.dataset import Example, TokenizedSet, load_chat, tokenize_examples
 from persona_cli.train.dpo import guarded_rows, load_pairs, rendered_example, train_dpo_lora
+from persona_cli.train.hard_negatives import check_candidates, choose_hard_negatives
 from persona_cli.train.mixture import (
     MIXTURE,
     MIXTURE_VERSION,
@@ -477,14 +478,22 @@ def _generated_answers(
 
 
 def couple_marker(
-    job: CouplingJob, out: Path, *, force: bool = False, callbacks: list[Any] | None = None
+    job: CouplingJob,
+    out: Path,
+    *,
+    force: bool = False,
+    callbacks: list[Any] | None = None,
+    pilot_callbacks: list[Any] | None = None,
 ) -> TrainOutcome:
     """Build the contrastive set (positives: source persona + marker; negatives: other personas,
-    same answers, no marker), write it, and train on it."""
+    same answers, no marker; with `hard_negatives`, the personas a pilot coupling leaks to, see
+    persona_cli.train.hard_negatives), write it, and train on it. `pilot_callbacks` follow the
+    pilot's training."""
     cc, cfg = job.coupling.check(), job.train.check()
     _check_push(job.push_to_hub)
     personas_path, registry = _load_registry(job.personas_file)
     select_personas(registry, [cc.source], "--persona")
+    check_candidates(cc, registry)
     questions_path = Path(job.questions) if job.questions else bundled.coupling_questions_file()
     questions = load_questions(questions_path)
     inputs: dict[str, Path] = {"personas": personas_path, "questions": questions_path}
@@ -508,7 +517,22 @@ def couple_marker(
     tokenizer = load_tokenizer(resolved)
     if job.answers is None:
         items = _generated_answers(run, is_main, job, questions, resolved, stack, tokenizer)
-    rows = build_coupling_set(cc, registry, items)
+    set_cc, hard = cc, None
+    if cc.hard_negatives:
+        hard = choose_hard_negatives(
+            run_path=run.path,
+            is_main=is_main,
+            model=resolved,
+            stack=stack,
+            tokenizer=tokenizer,
+            registry=registry,
+            items=items,
+            cc=cc,
+            cfg=cfg,
+            callbacks=pilot_callbacks,
+        )
+        set_cc = replace(cc, other_personas=tuple(hard["chosen"]))
+    rows = build_coupling_set(set_cc, registry, items)
     if is_main and not run.file(TRAIN_SET).is_file():
         write_jsonl(run.file(TRAIN_SET), rows, schema_version=TRAIN_SET_VERSION)
     data = tokenize_examples(
@@ -540,6 +564,7 @@ def couple_marker(
                 "rows_per_persona": counts,
                 "unique_answers": len({(i.question_id, i.answer) for i in items}),
                 "system_prompts": {p: registry[p].system_prompt for p in sorted(counts)},
+                **({"hard_negatives_pilot": hard} if hard is not None else {}),
             }
         },
         seeds=sorted({cfg.seed, cc.seed}),

@@ -35,6 +35,7 @@ from persona_cli.models import ResolvedModel
 from persona_cli.train.callbacks import TRAIN_LOG, TrainLogCallback, log_rows, write_train_log
 from persona_cli.train.config import TrainConfig
 from persona_cli.train.dataset import TokenizedSet
+from persona_cli.train.lm_head import add_loss_position_head
 
 log = logging.getLogger(__name__)
 
@@ -50,10 +51,12 @@ class TrainResult:
     dtype: str
     train_seconds: float
     is_main: bool
+    logits_at: str  # where the LM head ran: "loss" positions only, or "all" positions
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "protocol": self.protocol.to_dict(),
+            "logits_at": self.logits_at,
             "oom_retry": self.oom_retry,
             "resumed_from": self.resumed_from,
             "final_loss": self.final_loss,
@@ -200,7 +203,7 @@ def _train_once(
     from trl import SFTTrainer
 
     def build() -> Any:
-        return SFTTrainer(
+        trainer = SFTTrainer(
             model=load_with_adapters(model, stack, dtype=resolved_dtype(cfg), device=rank_device()),
             args=trainer_args(cfg, run_path / CHECKPOINTS, per_device_batch, grad_accum),
             train_dataset=data.to_dataset(),
@@ -208,6 +211,10 @@ def _train_once(
             peft_config=lora_config(cfg),
             callbacks=[TrainLogCallback(run_path / TRAIN_LOG), *callbacks],
         )
+        trainer.logits_at = "all"
+        if cfg.logits_at == "loss" and add_loss_position_head(trainer.model.get_base_model()):
+            trainer.logits_at = "loss"
+        return trainer
 
     return fit_resuming(build, run_path)
 
@@ -283,9 +290,11 @@ def save_adapter(
     run_path: Path,
     started: float,
     write_log: Callable[[Path, list[dict[str, Any]]], int] = write_train_log,
+    logits_at: str = "all",
 ) -> TrainResult:
     """Save RUN/adapter and the train log, drop the checkpoints, and describe the protocol the
-    run trained with. `write_log(path, log_history)` writes RUN/train_log.jsonl.gz."""
+    run trained with. `write_log(path, log_history)` writes RUN/train_log.jsonl.gz; `logits_at`
+    says where the LM head ran (see persona_cli.train.lm_head)."""
     trainer = fitted.trainer
     state = trainer.state
     protocol = BatchProtocol(
@@ -314,6 +323,7 @@ def save_adapter(
         dtype=resolved_dtype(cfg),
         train_seconds=round(time.monotonic() - started, 3),
         is_main=is_main,
+        logits_at=logits_at,
     )
 
 
@@ -344,7 +354,9 @@ def train_lora(
             grad_accum=grad_accum,
         ),
     )
-    result = save_adapter(fitted, cfg=cfg, run_path=run_path, started=started)
+    result = save_adapter(
+        fitted, cfg=cfg, run_path=run_path, started=started, logits_at=fitted.trainer.logits_at
+    )
     del fitted
     _free_memory()
     return result
