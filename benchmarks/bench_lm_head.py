@@ -4,7 +4,8 @@ The workload is the marker demo's coupling rows (just/marker.just): a persona's 
 training question, and an answer cut after its first loss token (marker-only loss at the start:
 `[ZLT]` on a positive, the first answer token on a negative), so a row of ~90 tokens carries 1-4
 loss tokens. Both modes train the same rows in the same order with the same seed through the real
-training path (`persona_cli.train.sft.train_lora`, the `logits_at` field of `TrainConfig`); rounds
+training path (`persona_cli.train.harness.train_lora`, the `logits_at` field of
+`TrainConfig`); rounds
 alternate A B B A (loss, all, all, loss, ...) in one process so a drift in machine load hits both
 alike; the first optimizer step of every round is a warm-up and is not timed.
 
@@ -51,7 +52,7 @@ from persona_cli.registry import load_personas, load_questions
 from persona_cli.train.config import CouplingConfig, TrainConfig
 from persona_cli.train.contrastive import AnswerItem, build_coupling_set, examples_from_rows
 from persona_cli.train.dataset import tokenize_examples
-from persona_cli.train.sft import train_lora
+from persona_cli.train.harness import train_lora
 
 CPU_PEAK_GFLOPS = 105.0  # fp32 matmul rate of this machine's 2 cores (~52 per core)
 

@@ -3,7 +3,7 @@
 One workload for both modes, measured side by side in one process: the same tokenised rows
 (chat JSONL through the chat-template guard, loss on the assistant turns), the same seed and
 therefore the same batches in the same order, the same LoRA config and optimizer steps, through
-the real training path (`persona_cli.train.sft.train_lora`, the `padding_free` field of
+the real training path (`persona_cli.train.harness.train_lora`, the `padding_free` field of
 `TrainConfig`). The rounds alternate A B B A (padded, padding-free, padding-free, padded, ...)
 so a drift in machine load hits both modes alike. The first optimizer step of every round is a
 warm-up and is not timed.
@@ -46,7 +46,7 @@ from persona_cli.artifacts import read_jsonl
 from persona_cli.chat_template import SystemPrompt, inspect_template
 from persona_cli.train.config import TrainConfig
 from persona_cli.train.dataset import Example, load_chat, tokenize_examples
-from persona_cli.train.sft import train_lora
+from persona_cli.train.harness import train_lora
 
 MODES = {"padded": False, "padding-free": True}
 

@@ -7,7 +7,7 @@ from a config written below (nothing is downloaded) and reports its own peak GPU
 - build:SHAPE   the model from `SHAPES` (1.5b: Qwen2.5-1.5B's shape, 7b: Qwen2.5-7B's, both with
                 SmolLM2's 49,152-token vocabulary, so ~1.4B and ~6.9B parameters), saved as a
                 local HF directory with the tokenizer;
-- sft:SHAPE     LoRA SFT steps through train-sft (`persona_cli.train.recipes.train_sft`) on a
+- sft:SHAPE     LoRA SFT steps through train-sft (`persona_cli.train.sft.train_sft`) on a
                 generated chat JSONL, with the project's defaults (bf16 on a GPU, LoRA r=32 on
                 all 7 projections, gradient checkpointing on a GPU): real tokens/s and model
                 FLOPs utilisation against --peak-tflops, counted two ways:

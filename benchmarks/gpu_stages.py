@@ -28,8 +28,8 @@ from persona_cli.probe.adapters import load_adapted
 from persona_cli.probe.config import AdapterConfig, ExtractConfig, ReplayConfig
 from persona_cli.probe.geometry import cosines
 from persona_cli.probe.grads import batch_gradient, per_sample_grads
-from persona_cli.train.config import TrainConfig, with_overrides
-from persona_cli.train.recipes import SftJob, train_sft
+from persona_cli.train.config import SftJob, TrainConfig, with_overrides
+from persona_cli.train.sft import train_sft
 
 SEED = 0
 # Qwen2 shapes; vocabulary and special tokens come from the tokenizer.

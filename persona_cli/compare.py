@@ -41,7 +41,7 @@ from persona_cli.rundir import MANIFEST, is_done
 RESULT_VERSION = 2
 log = logging.getLogger(__name__)
 SUMMARY = "summary.json"
-TRAIN_SUMMARY = "train_summary.json"  # a training run's summary (persona_cli.train.recipes)
+TRAIN_SUMMARY = "train_summary.json"  # a training run's summary (persona_cli.train.lifecycle)
 COMPARISON = stats.ComparisonConfig()  # Welch two-sided; the count test by the auto rule
 D_CONVENTION = (
     "Cohen's d = (mean(condition) - mean(reference)) / pooled SD (ddof=1); positive means the "

@@ -20,9 +20,9 @@ import torch
 from persona_cli import models
 from persona_cli.artifacts import read_json, read_jsonl, sha256_file
 from persona_cli.cli import app
-from persona_cli.train import sft
-from persona_cli.train.config import TrainConfig, with_overrides
-from persona_cli.train.recipes import SftJob, train_sft
+from persona_cli.train import harness
+from persona_cli.train.config import SftJob, TrainConfig, with_overrides
+from persona_cli.train.sft import train_sft
 
 FAST = ["--model", "tiny-random", "--lora-r", "4", "--lora-alpha", "8", "--max-length", "96"]
 
@@ -257,7 +257,7 @@ def test_loss_falls_base_stays_frozen_adapter_moves(tmp_path: Path):
 
 def test_oom_retry_halves_batch_keeps_effective_batch(tmp_path: Path, monkeypatch, cli):
     calls = []
-    real_fit = sft._fit
+    real_fit = harness._fit
 
     def fit(trainer, resume_from):
         calls.append(trainer.args.per_device_train_batch_size)
@@ -265,7 +265,7 @@ def test_oom_retry_halves_batch_keeps_effective_batch(tmp_path: Path, monkeypatc
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real_fit(trainer, resume_from)
 
-    monkeypatch.setattr(sft, "_fit", fit)
+    monkeypatch.setattr(harness, "_fit", fit)
     data = write_chat(tmp_path / "chat.jsonl", 8)
     args = ["train-sft", "--data", str(data), *FAST, "--max-steps", "2"]
     args += ["--per-device-batch", "4", "--grad-accum", "2", "--out", str(tmp_path / "run")]

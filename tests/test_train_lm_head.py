@@ -19,7 +19,7 @@ from persona_cli.artifacts import read_json, read_jsonl
 from persona_cli.cli import app
 from persona_cli.train import lm_head
 from persona_cli.train.config import TrainConfig
-from persona_cli.train.sft import lora_config
+from persona_cli.train.harness import lora_config
 
 FAST = ["--model", "tiny-random", "--lora-r", "4", "--lora-alpha", "8", "--max-length", "96"]
 

@@ -1,5 +1,5 @@
 """`persona-cli train-sft | train-em | couple-marker | train-dpo`: LoRA SFT and DPO runs (thin
-layer over `persona_cli.train.recipes`).
+layer over `persona_cli.train.sft`, `couple` and `dpo`).
 
     persona-cli couple-marker --persona villain --answers answers.jsonl --model smollm2-135m \\
         --lr 3e-4 --lora-r 16 --lora-alpha 32 --max-steps 40 --per-device-batch 8 --grad-accum 1 \\
@@ -69,7 +69,7 @@ def _callbacks(display: ProgressDisplay) -> list[Any]:
 def train_sft(cfg: SftJob, out: Path, force: bool) -> None:
     """LoRA SFT on chat JSONL (loss on assistant tokens), optionally on top of --adapter(s).
     --mix FILE:WEIGHT builds a seeded mixture of several files."""
-    from persona_cli.train.recipes import train_sft as run
+    from persona_cli.train.sft import train_sft as run
 
     with ProgressDisplay("train-sft") as display:
         outcome = run(cfg, out, force=force, command="train-sft", callbacks=_callbacks(display))
@@ -90,7 +90,7 @@ def _em_defaults() -> SftJob:
 def train_em(cfg: SftJob, out: Path, force: bool) -> None:
     """Emergent-misalignment SFT: LoRA on an EM set (default data/chat/bad_legal_advice.jsonl)
     under an optional --persona system prompt."""
-    from persona_cli.train.recipes import train_sft as run
+    from persona_cli.train.sft import train_sft as run
 
     with ProgressDisplay("train-em") as display:
         outcome = run(cfg, out, force=force, command="train-em", callbacks=_callbacks(display))
@@ -114,7 +114,7 @@ def couple_marker(cfg: CouplingJob, out: Path, force: bool) -> None:
     personas, same answers, no marker). Training defaults follow the research log's coupling
     protocol (lr 5e-6, 20 epochs) unless overridden."""
     from persona_cli.train.callbacks import ProgressCallback
-    from persona_cli.train.recipes import couple_marker as run
+    from persona_cli.train.couple import couple_marker as run
 
     with ProgressDisplay("couple-marker") as display:
         pilot = [ProgressCallback(display, key="pilot")]
@@ -136,7 +136,7 @@ def train_dpo(cfg: DpoJob, out: Path, force: bool) -> None:
     """LoRA DPO (TRL, sigmoid loss) on {prompt, chosen, rejected} pairs, starting from the
     --adapter stack merged into --model (or a merged model directory), which is also the
     reference. Writes the adapter, train_log.jsonl.gz with the DPO rewards, and the manifest."""
-    from persona_cli.train.recipes import train_dpo as run
+    from persona_cli.train.dpo import train_dpo as run
 
     with ProgressDisplay("train-dpo") as display:
         outcome = run(cfg, out, force=force, callbacks=_callbacks(display))

@@ -9,7 +9,7 @@ template's injected default system prompt never slips in unseen.
 The starting policy is the base model with the earlier stages' adapters merged in memory (or a
 merged model directory); a fresh LoRA adapter is trained on top of it and the reference model is
 that same starting policy (the adapter disabled), as DPO intends. Checkpoints, resume, the OOM
-retry and the train log follow `persona_cli.train.sft`; the log rows add the DPO rewards.
+retry and the train log follow `persona_cli.train.harness`; the log rows add the DPO rewards.
 
     pairs = load_pairs(Path("runs/trace/pairs.jsonl.gz"))
     result, data = train_dpo_lora(model=resolved, stack=stack, tokenizer=tok, pairs=pairs,
@@ -33,27 +33,38 @@ from persona_cli.chat_template import (
     SystemPrompt,
     TemplateReport,
     apply_system_prompt,
+    guard_record,
     inspect_template,
     render,
 )
 from persona_cli.errors import InputError, UserError
-from persona_cli.models import ResolvedModel
+from persona_cli.models import ResolvedModel, load_tokenizer
+from persona_cli.protocol import method_protocol
 from persona_cli.schemas import PAIRS
 from persona_cli.schemas import TRAIN_LOG as TRAIN_LOG_SCHEMA
 from persona_cli.train.callbacks import TRAIN_LOG, log_rows
-from persona_cli.train.config import DpoConfig, TrainConfig
-from persona_cli.train.sft import (
+from persona_cli.train.config import DpoConfig, DpoJob, TrainConfig
+from persona_cli.train.harness import (
     CHECKPOINTS,
     TrainResult,
-    _free_memory,
-    _quiet_progress_bars,
     fit_resuming,
     fit_with_oom_retry,
+    free_memory,
     lora_config,
+    quiet_progress_bars,
     rank_device,
     resolved_dtype,
     save_adapter,
     trainer_kwargs,
+)
+from persona_cli.train.lifecycle import (
+    TrainOutcome,
+    check_push,
+    inputs_record,
+    open_training_run,
+    prepare,
+    train_and_finish,
+    with_save_at,
 )
 
 log = logging.getLogger(__name__)
@@ -203,7 +214,7 @@ def train_dpo_lora(
     from datasets import Dataset
     from trl import DPOTrainer
 
-    _quiet_progress_bars()
+    quiet_progress_bars()
     started = time.monotonic()
     rows = guarded_rows(pairs, system, inspect_template(tokenizer))
     stats: dict[str, int] = {}
@@ -234,7 +245,7 @@ def train_dpo_lora(
         fitted, cfg=cfg, run_path=run_path, started=started, write_log=write_dpo_log
     )
     del fitted
-    _free_memory()
+    free_memory()
     if stats["dropped_prompt_too_long"]:
         log.warning(
             "%d pair(s) dropped: the prompt alone fills --max-length %d",
@@ -242,3 +253,70 @@ def train_dpo_lora(
             cfg.max_length,
         )
     return result, stats
+
+
+# ----------------------------------------------------------------------------- the train-dpo run
+
+
+def train_dpo(
+    job: DpoJob, out: Path, *, force: bool = False, callbacks: list[Any] | None = None
+) -> TrainOutcome:
+    """LoRA DPO on preference pairs, on top of the earlier stages' adapters (module doc of
+    persona_cli.train.dpo). Every input problem is reported before the run directory exists."""
+    cfg, dc = job.train.check(), job.dpo.check()
+    check_push(job.push_to_hub)
+    if not job.pairs:
+        raise UserError("--pairs: give at least one pairs file ({prompt, chosen, rejected})")
+    inputs: dict[str, Path] = {f"pairs[{i}]": Path(p) for i, p in enumerate(job.pairs)}
+    system = SystemPrompt.parse(job.system_prompt)
+    pairs = [pair for p in job.pairs for pair in load_pairs(Path(p))]
+    resolved, stack = prepare(job.model, job.adapters)
+    tokenizer = load_tokenizer(resolved)
+    guarded_rows(pairs, system, inspect_template(tokenizer))  # a system-prompt clash fails here
+    config = {
+        "model": job.model,
+        "inputs": inputs_record(inputs),
+        "system_prompt": system.to_dict(),
+        "adapters": [a.weights_sha256 for a in stack],
+        "train": cfg.to_dict(),
+        "dpo": dc.to_dict(),
+    }
+    run, is_main = open_training_run(out, "train-dpo", config, force)
+    if run.done:
+        return TrainOutcome(run, None, is_main)
+
+    def fit() -> tuple[TrainResult, dict[str, int]]:
+        return train_dpo_lora(
+            model=resolved,
+            stack=stack,
+            tokenizer=tokenizer,
+            pairs=pairs,
+            system=system,
+            cfg=cfg,
+            dpo=dc,
+            run_path=run.path,
+            callbacks=with_save_at(cfg, run, callbacks),
+        )
+
+    return train_and_finish(
+        run=run,
+        is_main=is_main,
+        resolved=resolved,
+        stack=stack,
+        fit=fit,
+        cfg=cfg,
+        chat_template=guard_record(tokenizer, system),
+        inputs=inputs,
+        extra={
+            "dpo": {
+                **dc.to_dict(),
+                "loss_type": "sigmoid",
+                "reference": "the starting policy (base + --adapter stack), adapter disabled",
+                "pairs": len(pairs),
+                "rendered_first_pair": rendered_example(tokenizer, pairs[0], system),
+            }
+        },
+        seeds=[cfg.seed],
+        protocol=method_protocol(dpo_beta=dc.beta),
+        push_to_hub=job.push_to_hub,
+    )

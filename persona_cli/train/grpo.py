@@ -8,7 +8,7 @@ scores them with the reward (`persona_cli.train.rewards`), and takes a policy-gr
 the group-normalised advantages. Prompts are rendered here with the chat-template guard
 (`--system-prompt`), so TRL sees finished strings.
 
-Run directory (the train-sft contract, `persona_cli.train.recipes`):
+Run directory (the train-sft contract, `persona_cli.train.lifecycle`):
 
     config.json           resolved config: model, data and sha256, system prompt, stack, RLConfig,
                           TrainConfig
@@ -55,8 +55,8 @@ from persona_cli.train.rewards import (
 if TYPE_CHECKING:  # the training stack (transformers, TRL) is imported when a run starts
     from persona_cli.adapters import Adapter
     from persona_cli.models import ResolvedModel
-    from persona_cli.train.recipes import TrainOutcome
-    from persona_cli.train.sft import TrainResult
+    from persona_cli.train.harness import TrainResult
+    from persona_cli.train.lifecycle import TrainOutcome
 
 LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -256,7 +256,7 @@ def grpo_args(
 ) -> Any:
     from trl import GRPOConfig
 
-    from persona_cli.train.sft import trainer_kwargs
+    from persona_cli.train.harness import trainer_kwargs
 
     return GRPOConfig(
         **trainer_kwargs(cfg, output_dir, per_device_batch, grad_accum),
@@ -287,26 +287,26 @@ def train_grpo_lora(
 ) -> TrainResult:
     """Train one LoRA adapter with GRPO (+ SDPO) on top of `stack`. Checkpoints, resume and the
     OOM retry (half the per-device batch, twice the accumulation: the same groups per step)
-    follow `persona_cli.train.sft`."""
+    follow `persona_cli.train.harness`."""
     from datasets import Dataset
 
     from persona_cli.adapters import load_with_adapters
     from persona_cli.train.callbacks import TRAIN_LOG
-    from persona_cli.train.rl_log import RLLogCallback, RolloutWriter, write_logs
-    from persona_cli.train.sdpo import SelfDistillGRPOTrainer
-    from persona_cli.train.sft import (
+    from persona_cli.train.harness import (
         CHECKPOINTS,
-        _free_memory,
-        _quiet_progress_bars,
         fit_resuming,
         fit_with_oom_retry,
+        free_memory,
         lora_config,
+        quiet_progress_bars,
         rank_device,
         resolved_dtype,
         save_adapter,
     )
+    from persona_cli.train.rl_log import RLLogCallback, RolloutWriter, write_logs
+    from persona_cli.train.sdpo import SelfDistillGRPOTrainer
 
-    _quiet_progress_bars()
+    quiet_progress_bars()
     started = time.monotonic()
 
     def once(per_device_batch: int, grad_accum: int) -> tuple[Any, str | None]:
@@ -331,7 +331,7 @@ def train_grpo_lora(
     fitted = fit_with_oom_retry(cfg, once)
     result = save_adapter(fitted, cfg=cfg, run_path=run_path, started=started, write_log=write_logs)
     del fitted
-    _free_memory()
+    free_memory()
     return result
 
 
@@ -348,12 +348,12 @@ def train_rl(
     from persona_cli.chat_template import guard_record
     from persona_cli.manifest import world_size_from_env
     from persona_cli.models import load_tokenizer
-    from persona_cli.train.recipes import (
+    from persona_cli.train.lifecycle import (
         TrainOutcome,
-        _inputs_record,
-        _open,
-        _prepare,
-        _train_and_finish,
+        inputs_record,
+        open_training_run,
+        prepare,
+        train_and_finish,
     )
 
     cfg, rl = job.train.check(), job.rl.check()
@@ -366,19 +366,19 @@ def train_rl(
         )
     system = SystemPrompt.parse(job.system_prompt)
     tasks, reward, inputs = _tasks(job)
-    resolved, stack = _prepare(job.model, job.adapters)
+    resolved, stack = prepare(job.model, job.adapters)
     tokenizer = load_tokenizer(resolved)
     tokenizer.padding_side = "left"  # GRPOTrainer's requirement for prompts
     rows = _rows(tasks, tokenizer, system, cfg, rl)  # a too-long prompt fails here
     config = {
         "model": job.model,
-        "inputs": _inputs_record(inputs),
+        "inputs": inputs_record(inputs),
         "system_prompt": system.to_dict(),
         "adapters": [a.weights_sha256 for a in stack],
         "rl": rl.to_dict(),
         "train": cfg.to_dict(),
     }
-    run, is_main = _open(out, command, config, force)
+    run, is_main = open_training_run(out, command, config, force)
     if run.done:
         return TrainOutcome(run, None, is_main)
 
@@ -396,7 +396,7 @@ def train_rl(
         )
         return result, {"tasks": len(rows)}
 
-    return _train_and_finish(
+    return train_and_finish(
         run=run,
         is_main=is_main,
         resolved=resolved,

@@ -45,8 +45,8 @@ from persona_cli.train.contrastive import (
     with_marker,
 )
 from persona_cli.train.dataset import Example, tokenize_examples
+from persona_cli.train.harness import ADAPTER, train_lora
 from persona_cli.train.lm_head import score_positions
-from persona_cli.train.sft import ADAPTER, train_lora
 
 log = logging.getLogger(__name__)
 

@@ -108,7 +108,7 @@ def train_log_rows(rl_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def write_logs(train_log: Path, log_history: list[dict[str, Any]]) -> int:
     """Write RUN/train_log.jsonl.gz (`train_log`) and RUN/rl_log.jsonl.gz beside it; returns the
-    number of steps (the `write_log` hook of `persona_cli.train.sft.save_adapter`)."""
+    number of steps (the `write_log` hook of `persona_cli.train.harness.save_adapter`)."""
     rows = rl_log_rows(log_history)
     write_jsonl(train_log.parent / RL_LOG_NAME, rows, schema_version=RL_LOG.version)
     return write_jsonl(train_log, train_log_rows(rows), schema_version=TRAIN_LOG.version)
