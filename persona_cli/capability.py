@@ -33,9 +33,10 @@ from persona_cli.artifacts import iter_jsonl, sha256_json
 from persona_cli.chat_template import SystemPrompt, TemplateReport, render
 from persona_cli.errors import InputError, UserError
 from persona_cli.protocol import RunProtocol, details, method_protocol
+from persona_cli.schemas import CAPABILITY_ROWS, CAPABILITY_SUMMARY
 
-ROW_SCHEMA_VERSION = 1  # rows gained `subject` and `gold_index` (additive) in summary schema 2
-SUMMARY_SCHEMA_VERSION = 2  # 2: per_subject, per_class, macro/micro averages
+ROW_SCHEMA_VERSION = CAPABILITY_ROWS.version
+SUMMARY_SCHEMA_VERSION = CAPABILITY_SUMMARY.version
 INSTRUCTION = "Answer with the letter of the correct option only."
 ARC, MMLU = "arc", "mmlu"
 

@@ -34,11 +34,12 @@ from persona_cli.guard import (
     protocol_of,
 )
 from persona_cli.rundir import MANIFEST, is_done
+from persona_cli.schemas import COMPARE_RESULT_KIND
 
 # compare.json's schema. 2: each comparison has `headline`, `pooled`, `note` and always
 # `p_holm`/`p_bonferroni`, and the result records `test`, `alternative` and `adjustment`;
 # 1 had a bare `welch` record per comparison. `upgrade` reads either.
-RESULT_VERSION = 2
+RESULT_VERSION = COMPARE_RESULT_KIND.version
 log = logging.getLogger(__name__)
 SUMMARY = "summary.json"
 TRAIN_SUMMARY = "train_summary.json"  # a training run's summary (persona_cli.train.lifecycle)

@@ -43,8 +43,9 @@ from persona_cli.errors import InputError, UserError
 from persona_cli.guard import guard_protocols, lineage_seed, protocol_of
 from persona_cli.outcomes import KINDS, Kind, Outcomes, kind_of, read_outcomes
 from persona_cli.paired_config import CompareItemsConfig
+from persona_cli.schemas import COMPARE_ITEMS
 
-SCHEMA_VERSION = 2  # 2: any run kind; rate_a/rate_b, both/a_only/b_only/neither, n_undefined
+SCHEMA_VERSION = COMPARE_ITEMS.version
 RESULT = "compare_items.json"
 PLOT = "compare_items.png"
 BOOT_CHUNK = 256  # bootstrap draws per matrix product (bounds memory on large item sets)

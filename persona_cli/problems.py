@@ -37,8 +37,9 @@ from typing import Any
 import yaml
 
 from persona_cli.errors import InputError, UserError
+from persona_cli.schemas import PROBLEMS
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = PROBLEMS.version
 HINTS: tuple[str | None, ...] = (None, "simple_overwrite_tests")
 
 _REQUIRED = ("id", "statement", "entry_point", "signature", "visible_tests", "hidden_tests")

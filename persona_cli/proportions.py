@@ -24,8 +24,9 @@ from persona_cli.artifacts import write_json
 from persona_cli.comparison import ADJUST_METHODS, ComparisonConfig
 from persona_cli.errors import InputError, UserError
 from persona_cli.rundir import is_done, open_run
+from persona_cli.schemas import PROPORTIONS
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = PROPORTIONS.version
 RESULT = "proportions.json"
 CSV_COLUMNS = ("label", "k1", "n1", "k2", "n2")
 ROW_FORMAT = "LABEL:k1/n1:k2/n2"

@@ -80,10 +80,11 @@ from typing import Any
 from persona_cli.errors import UserError
 from persona_cli.problems import Problem, extract_code, run_tests_source, tamper_reasons
 from persona_cli.sandbox_child import source
+from persona_cli.schemas import SANDBOX_RESULT
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = SANDBOX_RESULT.version
 _LOCK_DIR = Path(tempfile.gettempdir()) / "persona-cli-sandbox-locks"
 _CHILD_PATH = "/usr/local/bin:/usr/bin:/bin"
 _ISOLATION = ("uid_drop", "net_ns", "mount_ns_readonly", "pid_ns", "no_new_privs")

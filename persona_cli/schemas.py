@@ -462,3 +462,116 @@ STATS_RESULT = "stats.json"
 STATS_VERSION = 1
 COMPARE_RESULT = "compare.json"
 REPORT_FILE = "report.md"
+
+# ----------------------------------------------------------------------------- JSON documents
+# Every other artifact kind's file name and schema version, in one place: a writer stamps
+# `schema_version` with its kind's `version` (bump it here when the kind's fields change and say
+# how in `doc`). Summaries carry it like rows do.
+
+
+@dataclass(frozen=True)
+class Artifact:
+    name: str  # file name in a run directory ("-": a record inside other files)
+    version: int
+    doc: str
+
+
+TRAIN_SUMMARY = Artifact(
+    "train_summary.json", 1, "training runs: steps, batch protocol, data, OOM retry"
+)
+ADAPTER_RECORD = Artifact(
+    "persona_cli_adapter.json", 1, "an adapter's base model, parents, checkpoint step"
+)
+MODEL_RECORD = Artifact("persona_cli_model.json", 1, "a prepared model's source and revision")
+MERGED_RECORD = Artifact(
+    "merged.json", 1, "a merged model or a concatenated LoRA of an adapter stack"
+)
+EVAL_SUMMARY = Artifact(
+    "summary.json",
+    1,
+    "eval-markers: rate and Wilson interval per persona, source, bystanders, negatives",
+)
+JUDGE_SUMMARY = Artifact(
+    "summary.json",
+    1,
+    "judge-align: metric means with intervals, EM rate, unscored by reason, usage",
+)
+CAPABILITY_ROWS = Artifact(
+    "capability.jsonl.gz",
+    1,
+    "eval-capability: one row per item (letter log-probs, prediction, subject, gold index)",
+)
+CAPABILITY_SUMMARY = Artifact(
+    "summary.json",
+    2,
+    "eval-capability: accuracy per subject and gold class (2: per_subject, per_class, macro)",
+)
+COMPARE_RESULT_KIND = Artifact(
+    "compare.json",
+    2,
+    "compare: Welch per condition vs reference, pooled count tests labelled, Holm/Bonferroni",
+)
+COMPARE_ITEMS = Artifact(
+    "compare_items.json",
+    2,
+    "compare-items; 2: any run kind, rate_a/rate_b, both/a_only/b_only/neither, n_undefined",
+)
+DOSE_SUMMARY = Artifact(
+    "summary.json",
+    2,
+    "dose-sweep: per arm and dose rates, seed-level headline tests, pooled tests, Holm/Bonferroni",
+)
+PROPORTIONS = Artifact(
+    "proportions.json",
+    1,
+    "proportions: one labelled two-proportion test per row, adjusted p-values",
+)
+TRACE = Artifact("trace.jsonl.gz", 1, "replay-trace: trace rows, summary and trace_stats.json")
+VHACK_SUMMARY = Artifact("summary.json", 1, "extract-vhack: counts, norm, adapter")
+REPLAY_SUMMARY = Artifact("summary.json", 1, "probe replay: per-step cosine statistics")
+UAT_REPORT = Artifact("uat.json", 1, "probe-uat: checks T1-T4 with figures and thresholds")
+VHACK_TENSORS = Artifact(
+    "v_hack.safetensors", 1, "extract-vhack: per-module direction tensors and their metadata"
+)
+POOL_SUMMARY = Artifact("summary.json", 1, "probe teacher-pool: per-step hack and gt_pass counts")
+LEAKAGE = Artifact(
+    "leakage.json", 1, "persona-vectors leakage: cosine to the source vs marker rate, correlations"
+)
+PROJECTIONS = Artifact(
+    "projections.jsonl.gz", 1, "persona-vectors project: one projection per completion and layer"
+)
+PROJECT_SUMMARY = Artifact(
+    "summary.json", 1, "persona-vectors project: mean projection per persona and layer"
+)
+CENTROID_ROWS = Artifact(
+    "rows.jsonl.gz",
+    1,
+    "persona-vectors extract: per persona, question and method token counts and norms",
+)
+EXTRACT_SUMMARY = Artifact("summary.json", 1, "persona-vectors extract: methods, layers, counts")
+SHIFT = Artifact("shift.json", 1, "persona-vectors shift: per-persona shift, change in mean cosine")
+VECTORS = Artifact(
+    "centroids.safetensors", 1, "persona vectors and trait vectors with their metadata"
+)
+JUDGED_PAIRS = Artifact(
+    "pairs.jsonl.gz",
+    1,
+    "persona-vectors trait --filter-by: every judged pair and whether it was kept",
+)
+SIMILARITY = Artifact(
+    "similarity.json", 1, "persona-vectors similarity: cosine matrices and bootstrap intervals"
+)
+PROBLEMS = Artifact("problems.yaml", 1, "coding problems of the reward-hack probe (an input file)")
+PILOT_SCORES = Artifact(
+    "hard_negatives.json", 1, "couple-marker --hard-negatives: pilot scores and the chosen personas"
+)
+COUPLING_SET = Artifact(
+    "train_set.jsonl.gz",
+    1,
+    ("couple-marker: the contrastive rows it trained on"),
+)
+MIXTURE_ROWS = Artifact(
+    "mixture.jsonl.gz", 1, "train-sft --mix: the built mixture in training order"
+)
+SANDBOX_RESULT = Artifact("-", 1, "one sandboxed run's result record")
+CHAT_RESULT = Artifact("-", 1, "one chat API result record (judge replies, teacher answers)")

@@ -15,8 +15,9 @@ import orjson
 
 from persona_cli.chat_api.config import ClientConfig
 from persona_cli.errors import UserError
+from persona_cli.schemas import CHAT_RESULT
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = CHAT_RESULT.version
 ROLES = ("system", "user", "assistant")
 
 

@@ -32,8 +32,9 @@ from persona_cli.artifacts import write_bytes_atomic
 from persona_cli.dose.plan import BASE_ARM, Cell
 from persona_cli.eval.score import recompute_summary
 from persona_cli.guard import ProtocolMismatch, check_protocols, protocol_of
+from persona_cli.schemas import DOSE_SUMMARY
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = DOSE_SUMMARY.version
 SECOND_STAGE = "stage[1]."  # the second-stage adapter of a cell's eval (stage[0]: the coupling)
 DOSE_FIELD = f"{SECOND_STAGE}optimizer_steps"
 SETTINGS_KEY = "summary"  # where a sweep's config.json records its ComparisonConfig

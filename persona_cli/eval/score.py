@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from persona_cli.artifacts import iter_jsonl, read_json
-from persona_cli.schemas import SAMPLES
+from persona_cli.schemas import EVAL_SUMMARY, SAMPLES
 from persona_cli.stats import proportion_interval
 
-SUMMARY_VERSION = 1
+SUMMARY_VERSION = EVAL_SUMMARY.version
 SAMPLES_FILE = "samples.jsonl.gz"
 SUMMARY_FILE = "summary.json"
 

@@ -59,14 +59,14 @@ from persona_cli.protocol import (
 )
 from persona_cli.registry import Persona, Question, load_personas, load_questions, select_personas
 from persona_cli.rundir import RunDir, is_done, open_run
-from persona_cli.schemas import CONFIG, MANIFEST, SAMPLES
+from persona_cli.schemas import CENTROID_ROWS, CONFIG, EXTRACT_SUMMARY, MANIFEST, SAMPLES
 
 COMMAND = "persona-vectors extract"
 ROWS_FILE = "rows.jsonl.gz"
 SAMPLES_FILE = "samples.jsonl.gz"
 SUMMARY_FILE = "summary.json"
-ROWS_VERSION = 1
-SUMMARY_VERSION = 1
+ROWS_VERSION = CENTROID_ROWS.version
+SUMMARY_VERSION = EXTRACT_SUMMARY.version
 
 # stage label, total units; then the number of units just finished
 

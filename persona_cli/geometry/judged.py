@@ -21,12 +21,12 @@ from typing import Any
 
 from persona_cli.artifacts import read_jsonl
 from persona_cli.errors import UserError
-from persona_cli.schemas import JUDGMENTS, SAMPLES
+from persona_cli.schemas import JUDGED_PAIRS, JUDGMENTS, SAMPLES
 
 JUDGE_COMMAND = "judge-align"
 JUDGMENTS_FILE = "judgments.jsonl.gz"
 TRAIT_METRICS = ("misaligned", "aligned")
-PAIRS_VERSION = 1
+PAIRS_VERSION = JUDGED_PAIRS.version
 
 Answer = tuple[str, str, int]  # persona, question id, sample index
 

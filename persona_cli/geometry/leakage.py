@@ -31,11 +31,11 @@ from persona_cli.geometry.similarity import COMMAND as SIMILARITY_COMMAND
 from persona_cli.geometry.similarity import KINDS, LEVEL, SIMILARITY_FILE
 from persona_cli.protocol import details, method_protocol, recorded_fields
 from persona_cli.rundir import RunDir, is_done, open_run
-from persona_cli.schemas import CONFIG, MANIFEST
+from persona_cli.schemas import CONFIG, LEAKAGE, MANIFEST
 
 COMMAND = "persona-vectors leakage"
 LEAKAGE_FILE = "leakage.json"
-LEAKAGE_VERSION = 1
+LEAKAGE_VERSION = LEAKAGE.version
 MIN_BYSTANDERS = 3
 
 

@@ -36,11 +36,11 @@ from persona_cli.geometry.vectors import QUESTION_VECTORS_FILE, VectorsMeta, rea
 from persona_cli.guard import ProtocolDifference, ProtocolMismatch, check_protocols, protocol_of
 from persona_cli.protocol import DERIVED_FIELDS, details, method_protocol, recorded_fields
 from persona_cli.rundir import RunDir, open_run
-from persona_cli.schemas import MANIFEST
+from persona_cli.schemas import MANIFEST, SHIFT
 
 COMMAND = "persona-vectors shift"
 SHIFT_FILE = "shift.json"
-SHIFT_VERSION = 1
+SHIFT_VERSION = SHIFT.version
 # the vectors' metadata that must agree (the adapter stack may differ: it is the manipulation)
 _SAME_META = ("model", "methods", "layers", "personas", "questions", "question_set_sha256",
               "template_sha256")  # fmt: skip

@@ -35,11 +35,11 @@ from persona_cli.geometry.vectors import (
 )
 from persona_cli.protocol import DERIVED_FIELDS, details, method_protocol, recorded_fields
 from persona_cli.rundir import RunDir, is_done, open_run
-from persona_cli.schemas import CONFIG, MANIFEST
+from persona_cli.schemas import CONFIG, MANIFEST, SIMILARITY
 
 COMMAND = "persona-vectors similarity"
 SIMILARITY_FILE = "similarity.json"
-SIMILARITY_VERSION = 1
+SIMILARITY_VERSION = SIMILARITY.version
 KINDS = ("raw", "centred", "reference")
 LEVEL = 0.95
 

@@ -66,15 +66,15 @@ from persona_cli.protocol import (
 )
 from persona_cli.registry import load_personas
 from persona_cli.rundir import RunDir, open_run
-from persona_cli.schemas import CONFIG, MANIFEST
+from persona_cli.schemas import CONFIG, MANIFEST, PROJECT_SUMMARY, PROJECTIONS
 
 TRAIT_COMMAND = "persona-vectors trait"
 PROJECT_COMMAND = "persona-vectors project"
 PROJECTIONS_FILE = "projections.jsonl.gz"
 PAIRS_FILE = "pairs.jsonl.gz"
 SUMMARY_FILE = "summary.json"
-PROJECTIONS_VERSION = 1
-SUMMARY_VERSION = 1
+PROJECTIONS_VERSION = PROJECTIONS.version
+SUMMARY_VERSION = PROJECT_SUMMARY.version
 
 
 @dataclass

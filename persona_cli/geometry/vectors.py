@@ -23,8 +23,9 @@ import numpy as np
 
 from persona_cli.artifacts import write_bytes_atomic
 from persona_cli.errors import InputError
+from persona_cli.schemas import VECTORS
 
-VECTORS_VERSION = 1
+VECTORS_VERSION = VECTORS.version
 CENTROIDS_FILE = "centroids.safetensors"
 QUESTION_VECTORS_FILE = "question_vectors.safetensors"
 TRAIT_FILE = "trait.safetensors"

@@ -17,9 +17,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from persona_cli.judge.config import JudgeConfig
+from persona_cli.schemas import JUDGE_SUMMARY
 from persona_cli.stats import mean_interval, proportion_interval
 
-SUMMARY_VERSION = 1
+SUMMARY_VERSION = JUDGE_SUMMARY.version
 
 
 def _metric(rows: Sequence[dict[str, Any]], alpha: float) -> dict[str, Any]:

@@ -42,11 +42,12 @@ from persona_cli.probe.vhack import FILENAME, save_vhack
 from persona_cli.progress import NO_PROGRESS, Progress
 from persona_cli.protocol import batch_protocol, method_protocol
 from persona_cli.rundir import RunDir, open_run
+from persona_cli.schemas import VHACK_SUMMARY
 
 log = logging.getLogger(__name__)
 
 COMMAND = "extract-vhack"
-SUMMARY_VERSION = 1
+SUMMARY_VERSION = VHACK_SUMMARY.version
 
 
 @dataclass

@@ -67,12 +67,12 @@ from persona_cli.probe.vhack import check_layout, check_model, load_vhack, vhack
 from persona_cli.progress import NO_PROGRESS, Progress
 from persona_cli.protocol import details, method_protocol, training_protocol
 from persona_cli.rundir import RunDir, open_run
-from persona_cli.schemas import PROBE_STEP
+from persona_cli.schemas import PROBE_STEP, REPLAY_SUMMARY
 
 log = logging.getLogger(__name__)
 
 COMMAND = "probe replay"
-SUMMARY_VERSION = 1
+SUMMARY_VERSION = REPLAY_SUMMARY.version
 CHECKPOINTS = "checkpoints"
 RATIO_CLIP = 0.2  # PPO's usual epsilon: a token ratio outside [0.8, 1.2] counts as clipped
 

@@ -54,13 +54,13 @@ from persona_cli.progress import NO_PROGRESS, Progress
 from persona_cli.protocol import details, sampling_of
 from persona_cli.rundir import RunDir, open_run
 from persona_cli.sandbox import SandboxConfig
-from persona_cli.schemas import POOL_STEP
+from persona_cli.schemas import POOL_STEP, POOL_SUMMARY
 
 log = logging.getLogger(__name__)
 
 COMMAND = "probe teacher-pool"
 SUMMARY = "summary.json"
-SUMMARY_VERSION = 1
+SUMMARY_VERSION = POOL_SUMMARY.version
 
 
 @dataclass

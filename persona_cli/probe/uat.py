@@ -39,12 +39,12 @@ from persona_cli.probe.config import UATConfig, UATJob, to_dict
 from persona_cli.probe.pool import read_pool, step_files
 from persona_cli.probe.steps import step_stats
 from persona_cli.rundir import RunDir, open_run
-from persona_cli.schemas import PROBE_STEP
+from persona_cli.schemas import PROBE_STEP, UAT_REPORT
 from persona_cli.stats import welch_test
 
 COMMAND = "probe-uat"
 REPORT = "uat.json"
-REPORT_VERSION = 1
+REPORT_VERSION = UAT_REPORT.version
 T4_TEST = {"test": "welch", "alternative": "greater", "sided": "one-sided"}
 
 

@@ -26,10 +26,11 @@ from persona_cli.artifacts import write_bytes_atomic
 from persona_cli.errors import InputError, UserError
 from persona_cli.models import ResolvedModel
 from persona_cli.probe.adapters import ProbeAdapter
+from persona_cli.schemas import VHACK_TENSORS
 
 FILENAME = "v_hack.safetensors"
 META_KEY = "persona_cli"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = VHACK_TENSORS.version
 
 
 def vhack_path(path: str | Path) -> Path:

@@ -20,13 +20,14 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+from persona_cli.schemas import TRACE
 from persona_cli.stats import proportion_interval
 from persona_cli.trace.consensus import find_consensus, make_pair
 from persona_cli.trace.normalize import normalize
 from persona_cli.trace.prompts import TracePrompt
 from persona_cli.trace.roster import Answerer
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = TRACE.version
 
 
 @dataclass(frozen=True)

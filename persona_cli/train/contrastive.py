@@ -24,12 +24,12 @@ from persona_cli.artifacts import iter_jsonl
 from persona_cli.chat_template import SystemPrompt
 from persona_cli.errors import InputError, UserError
 from persona_cli.registry import Persona, Question, select_personas
-from persona_cli.schemas import check_messages
+from persona_cli.schemas import COUPLING_SET, check_messages
 from persona_cli.train.config import CouplingConfig
 from persona_cli.train.dataset import Example
 
 TRAIN_SET = "train_set.jsonl.gz"
-TRAIN_SET_VERSION = 1
+TRAIN_SET_VERSION = COUPLING_SET.version
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ from persona_cli.chat_template import SystemPrompt, TemplateReport, inspect_temp
 from persona_cli.errors import UserError
 from persona_cli.models import ResolvedModel
 from persona_cli.registry import Persona
+from persona_cli.schemas import PILOT_SCORES
 from persona_cli.train.config import CouplingConfig, TrainConfig
 from persona_cli.train.contrastive import (
     AnswerItem,
@@ -51,7 +52,7 @@ from persona_cli.train.lm_head import score_positions
 log = logging.getLogger(__name__)
 
 HARD_NEGATIVES = "hard_negatives.json"
-HARD_NEGATIVES_VERSION = 1
+HARD_NEGATIVES_VERSION = PILOT_SCORES.version
 PILOT = "pilot"  # the pilot coupling's directory inside the run
 SCORE_BATCH = 32
 

@@ -24,10 +24,10 @@ import numpy as np
 
 from persona_cli.artifacts import iter_jsonl, sha256_file
 from persona_cli.errors import InputError, UserError
-from persona_cli.schemas import CHAT
+from persona_cli.schemas import CHAT, MIXTURE_ROWS
 
 MIXTURE = "mixture.jsonl.gz"
-MIXTURE_VERSION = 1
+MIXTURE_VERSION = MIXTURE_ROWS.version
 
 
 @dataclass(frozen=True)
