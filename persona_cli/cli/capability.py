@@ -42,13 +42,7 @@ def eval_capability(cfg: CapabilityConfig, out: Path, force: bool) -> None:
     from persona_cli.eval.capability import run_eval_capability
 
     with ProgressDisplay("eval-capability") as display:
-        result = run_eval_capability(
-            cfg,
-            out,
-            force=force,
-            on_plan=lambda n: display.begin("", n, unit="items"),
-            progress=lambda n: display.advance("", n),
-        )
+        result = run_eval_capability(cfg, out, force=force, progress=display)
     if result.already_done:
         say_already_done(result.run.path)
         return

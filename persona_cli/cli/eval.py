@@ -99,28 +99,12 @@ def eval_markers(cfg: MarkerEvalConfig, out: Path, force: bool) -> None:
 
     if cfg.adapter_sets or cfg.adapter_sets_file:
         with ProgressDisplay("eval-markers") as display:
-            results = run_eval_markers_sets(
-                cfg,
-                out,
-                force=force,
-                on_plan=lambda total, left: display.begin(
-                    "", total, done=total - left, unit="completions"
-                ),
-                progress=lambda n: display.advance("", n),
-            )
+            results = run_eval_markers_sets(cfg, out, force=force, progress=display)
         console.print(_sets_table(results))
         return
 
     with ProgressDisplay("eval-markers") as display:
-        result = run_eval_markers(
-            cfg,
-            out,
-            force=force,
-            on_plan=lambda total, left: display.begin(
-                "", total, done=total - left, unit="completions"
-            ),
-            progress=lambda n: display.advance("", n),
-        )
+        result = run_eval_markers(cfg, out, force=force, progress=display)
     if result.already_done:
         say_already_done(result.run.path)
     console.print(_table(result))

@@ -14,7 +14,6 @@ each task's config and its hash.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from persona_cli import fields as common
 from persona_cli.artifacts import read_json, write_json, write_jsonl
 from persona_cli.chat_template import SystemPrompt, guard_record, inspect_template
 from persona_cli.errors import UserError
+from persona_cli.progress import NO_PROGRESS, Progress
 from persona_cli.rundir import RunDir, open_run
 
 COMMAND = "eval-capability"
@@ -140,11 +140,10 @@ def run_eval_capability(
     out: str | Path,
     *,
     force: bool = False,
-    on_plan: Callable[[int], None] | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Progress = NO_PROGRESS,
 ) -> CapabilityResult:
-    """Score, write rows and summary, finish the run (see the module docstring). `on_plan`
-    gets the number of items the hf backend will score (the harness reports its own progress)."""
+    """Score, write rows and summary, finish the run (see the module docstring). `progress`
+    gets the items the hf backend scores (the harness reports its own progress)."""
     plan = _plan(cfg)
     run = open_run(out, command=COMMAND, config=cfg.to_dict(), force=force)
     if run.done:
@@ -157,10 +156,15 @@ def run_eval_capability(
     report = inspect_template(tok)
     extra: dict[str, Any] = {"adapters": adapters_lib.stack_record(plan.stack)}
     if plan.items is not None:
-        if on_plan is not None:
-            on_plan(len(plan.items))
+        progress.begin("", len(plan.items), unit="items")
         rows = capability.score_items(
-            net, tok, plan.items, system, report, batch_size=cfg.batch_size, progress=progress
+            net,
+            tok,
+            plan.items,
+            system,
+            report,
+            batch_size=cfg.batch_size,
+            progress=lambda n: progress.advance("", n),
         )
         protocol = capability.protocol(plan.items, cfg.persona)
     else:

@@ -56,6 +56,7 @@ from persona_cli.generate.hf import generate_hf_groups
 from persona_cli.generate.stacks import StackServer
 from persona_cli.generate.vllm import PromptGroup, generate_vllm_work
 from persona_cli.geometry import steer as steer_mod
+from persona_cli.progress import NO_PROGRESS, Progress
 from persona_cli.registry import Persona, Question, load_personas, load_questions, select_personas
 
 log = logging.getLogger(__name__)
@@ -174,18 +175,14 @@ def run_eval_markers(
     out: str | Path,
     *,
     force: bool = False,
-    on_plan: Callable[[int, int], None] | None = None,
-    progress: ProgressFn | None = None,
+    progress: Progress = NO_PROGRESS,
 ) -> EvalResult:
-    """Run (or resume, or recognise as finished) one eval-markers run directory.
-
-    `on_plan(total, remaining)` is called with the completion counts once the work is known;
-    `progress(n)` as n more completions finish.
-    """
+    """Run (or resume, or recognise as finished) one eval-markers run directory; `progress`
+    gets one task of completions (those found on disk count as done) once the work is known."""
     if cfg.adapter_sets or cfg.adapter_sets_file:
         raise UserError("--adapter-set: evaluate adapter sets with run_eval_markers_sets")
     job = EvalJob(cfg, Path(out))
-    return run_eval_jobs([job], force=force, on_plan=on_plan, progress=progress)[0]
+    return run_eval_jobs([job], force=force, progress=progress)[0]
 
 
 def set_jobs(cfg: MarkerEvalConfig, out: str | Path) -> list[EvalJob]:
@@ -212,8 +209,7 @@ def run_eval_markers_sets(
     out: str | Path,
     *,
     force: bool = False,
-    on_plan: Callable[[int, int], None] | None = None,
-    progress: ProgressFn | None = None,
+    progress: Progress = NO_PROGRESS,
 ) -> list[EvalResult]:
     """Every adapter set of `cfg` (`persona_cli.eval.adapter_sets`) through one model (hf) or
     one engine (vllm), one ordinary run directory per set (`set_jobs`); each is resumed or
@@ -223,7 +219,7 @@ def run_eval_markers_sets(
         cfg = replace(cfg, adapter_sets=sets, adapter_sets_file=None)
     if not cfg.adapter_sets:
         raise UserError("--adapter-set: no adapter sets given")
-    return run_eval_jobs(set_jobs(cfg, out), force=force, on_plan=on_plan, progress=progress)
+    return run_eval_jobs(set_jobs(cfg, out), force=force, progress=progress)
 
 
 def _check_shared(jobs: list[EvalJob], plans: list[EvalPlan]) -> None:
@@ -248,8 +244,7 @@ def run_eval_jobs(
     jobs: list[EvalJob],
     *,
     force: bool = False,
-    on_plan: Callable[[int, int], None] | None = None,
-    progress: ProgressFn | None = None,
+    progress: Progress = NO_PROGRESS,
 ) -> list[EvalResult]:
     """Run every job with one tokenizer and one model (hf: `StackServer` merges each stack into
     the base in turn) or one vLLM engine (each stack its own LoRARequest). Every run directory
@@ -276,16 +271,17 @@ def run_eval_jobs(
         start_run(j, p, _run_config(j.cfg, p), force) for j, p in zip(jobs, plans, strict=True)
     ]
     work = [r for r in started if isinstance(r, MarkerRun)]
-    if on_plan is not None:
-        on_plan(
-            sum(len(r.plan.personas) * len(r.plan.questions) * r.job.cfg.generation.n
-                for r in work),
-            sum(len(r.pending) * len(r.plan.questions) * r.job.cfg.generation.n for r in work),
-        )  # fmt: skip
+    total = sum(len(r.plan.personas) * len(r.plan.questions) * r.job.cfg.generation.n for r in work)
+    left = sum(len(r.pending) * len(r.plan.questions) * r.job.cfg.generation.n for r in work)
+    progress.begin("", total, done=total - left, unit="completions")
+
+    def advance(n: int) -> None:
+        progress.advance("", n)
+
     if work and work[0].job.cfg.backend == "hf":
-        results = _run_hf(work, tokenizer, prompts_for, progress)
+        results = _run_hf(work, tokenizer, prompts_for, advance)
     else:
-        results = _run_vllm(work, tokenizer, prompts_for, progress)
+        results = _run_vllm(work, tokenizer, prompts_for, advance)
     return [results[id(r)] if isinstance(r, MarkerRun) else r for r in started]
 
 
