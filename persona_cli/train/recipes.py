@@ -180,9 +180,11 @@ def _train_and_finish(
     extra: dict[str, Any],
     seeds: list[int],
     protocol: RunProtocol | None = None,
+    adapter: RunProtocol | None = None,
 ) -> TrainOutcome:
     """Train (`fit()` returns the result and data statistics) unless a resumed run already
-    holds the finished adapter, then write the summary, the adapter record and the manifest."""
+    holds the finished adapter, then write the summary, the adapter record and the manifest.
+    `adapter`: the trained adapter's protocol fields (default: LoRA from `cfg`)."""
     adapter_path = run.path / ADAPTER
     if (
         run.state == "resumed"
@@ -221,8 +223,11 @@ def _train_and_finish(
             lr_scheduler=cfg.lr_scheduler,
             warmup_steps=cfg.warmup_steps,
         )
-        | adapter_protocol(
-            kind="lora", rank=cfg.lora_r, alpha=cfg.lora_alpha, targets=cfg.lora_targets
+        | (
+            adapter
+            or adapter_protocol(
+                kind="lora", rank=cfg.lora_r, alpha=cfg.lora_alpha, targets=cfg.lora_targets
+            )
         )
         | details(max_steps=cfg.max_steps, epochs=cfg.epochs, oom_retry=summary["oom_retry"])
         | (protocol or RunProtocol()),

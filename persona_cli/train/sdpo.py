@@ -17,6 +17,8 @@ pulls the un-hinted policy toward what it would do if it had the hint.
 
     loss = grpo_weight * L_GRPO + sdpo_weight * mean_t KL_t
 
+each term's value logged per step (`grpo/loss`, `sdpo/kl`; a third, DPO, term is added by
+`persona_cli.train.rl_trainer`)
 (`train-grpo --sdpo-weight W`: 1 and W; `train-sdpo`: 0 and W, pure distillation, rewards
 still computed and logged). With sdpo_weight > 0 each micro-batch costs two extra forward passes
 (student, and teacher without gradient) with full-vocabulary fp32 logits at the completion
@@ -122,6 +124,11 @@ class SelfDistillGRPOTrainer(GRPOTrainer):
         self.grpo_weight = grpo_weight
         self.sdpo_weight = sdpo_weight
         self.on_rollouts = on_rollouts
+        # Per local row of the last generated batch: fields a subclass adds to the rollout rows.
+        self.row_extras: list[dict[str, Any]] | None = None
+
+    def _annotate(self, inputs: list[dict[str, Any]], output: dict[str, Any]) -> None:
+        """Hook after scoring, before the rollout rows are written (mixed-policy generation)."""
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         output = super()._generate_and_score_completions(inputs)
@@ -134,6 +141,7 @@ class SelfDistillGRPOTrainer(GRPOTrainer):
             )
             output["teacher_prompt_ids"] = teacher_ids
             output["teacher_prompt_mask"] = teacher_mask
+        self._annotate(inputs, output)
         if self.on_rollouts is not None:
             self.on_rollouts(self, inputs, output)
         return output
@@ -149,8 +157,14 @@ class SelfDistillGRPOTrainer(GRPOTrainer):
             raise ValueError("SelfDistillGRPOTrainer does not return outputs")
         mode = "train" if self.model.training else "eval"
         loss = torch.zeros((), device=self.accelerator.device)
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
         if self.grpo_weight:
-            loss = loss + self.grpo_weight * self._compute_loss(model, inputs)
+            grpo = self._compute_loss(model, inputs)  # scaled for accumulation by TRL
+            loss = loss + self.grpo_weight * grpo
+            # Logged per micro-batch on the scale of the other terms (the step's value is the mean).
+            self._metrics[mode]["grpo/loss"].append(
+                self.accelerator.gather(grpo.detach() * accumulation).mean().item()
+            )
         if self.sdpo_weight:
             per_token = sdpo_kl(
                 model,
@@ -163,8 +177,7 @@ class SelfDistillGRPOTrainer(GRPOTrainer):
             )
             kl = masked_mean(per_token, inputs["completion_mask"])
             # GRPOTrainer scales its own loss for gradient accumulation (loss_is_scaled_for_ga).
-            normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1
-            loss = loss + self.sdpo_weight * kl / normalizer
+            loss = loss + self.sdpo_weight * kl / accumulation
             self._metrics[mode]["sdpo/kl"].append(
                 self.accelerator.gather(kl.detach()).mean().item()
             )
