@@ -37,6 +37,7 @@ gpu-check out="runs/gpu_check" *args="":
 import 'just/matrix.just'
 import 'just/marker.just'
 import 'just/probe.just'
+import 'just/rl.just'
 
 # Run COMMAND (a stage writing run directory DIR) unless DIR/DONE exists (SKIP=done) or always
 # (SKIP=never).
