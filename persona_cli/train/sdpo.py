@@ -22,8 +22,9 @@ each term's value logged per step (`grpo/loss`, `sdpo/kl`; a third, DPO, term is
 (`train-grpo --sdpo-weight W`: 1 and W; `train-sdpo`: 0 and W, pure distillation, rewards
 still computed and logged). With sdpo_weight > 0 each micro-batch costs two extra forward passes
 (student, and teacher without gradient) with full-vocabulary fp32 logits at the completion
-positions: B x C x V floats each (and the KL takes them in float64, `token_kl`). After each generation it also hands
-the scored batch to an `on_rollouts(trainer, inputs, output)` hook (the per-step rollout rows).
+positions: B x C x V floats each (and the KL takes them in float64, `token_kl`). After each
+generation it also hands the scored batch to an `on_rollouts(trainer, inputs, output)` hook (the
+per-step rollout rows).
 
     trainer = SelfDistillGRPOTrainer(model=base, reward_funcs=[reward], args=grpo_config,
                                      train_dataset=ds, sdpo_weight=0.5)
