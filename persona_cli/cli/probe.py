@@ -230,7 +230,7 @@ def compare_arms(cfg: ArmsJob, out: Path, force: bool) -> None:
                     str(p["seeds"]),
                     f"{p['hacks']} / {p['completions']}",
                     _fmt(p["rate"]),
-                    f"{_fmt(p['low'])}-{_fmt(p['high'])}",
+                    f"{p['low']:.3f}-{p['high']:.3f}",
                     _fmt(p["proj_cos_in"]),
                     _fmt(p["proj_cos_out"]),
                 )
