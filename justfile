@@ -38,6 +38,7 @@ import 'just/matrix.just'
 import 'just/marker.just'
 import 'just/probe.just'
 import 'just/geometry.just'
+import 'just/rl.just'
 
 # Run COMMAND (a stage writing run directory DIR) unless DIR/DONE exists (SKIP=done) or always
 # (SKIP=never).

@@ -1,4 +1,5 @@
-"""LoRA adapters as PEFT directories, with the base model and the stack they were trained on.
+"""LoRA (and svd-delta) adapters as PEFT directories, with the base model and the stack they
+were trained on.
 
 A training run saves its adapter to `RUN/adapter/` (PEFT's own files) plus
 `persona_cli_adapter.json`: the base model it was trained on (spec, path, fingerprint), the
@@ -173,11 +174,19 @@ def write_record(
 
 
 def merge_into(model: Any, stack: list[Adapter]) -> Any:
-    """Merge each adapter of `stack` into `model` in order (in memory); returns the plain model."""
+    """Merge each adapter of `stack` into `model` in order (in memory); returns the plain model.
+    A PEFT LoRA directory merges through PEFT; an svd-delta directory (train-grpo
+    --adapter-kind svd, `persona_cli.probe.adapters.save_svd_adapter`) adds its
+    U_r diag(delta) V_r^T to each wrapped weight."""
     from peft import PeftModel
 
+    from persona_cli.probe.adapters import is_svd_adapter_dir, merge_svd_adapter
+
     for a in stack:
-        model = PeftModel.from_pretrained(model, str(a.path)).merge_and_unload()
+        if is_svd_adapter_dir(a.path):
+            model = merge_svd_adapter(model, a.path)
+        else:
+            model = PeftModel.from_pretrained(model, str(a.path)).merge_and_unload()
     return model
 
 

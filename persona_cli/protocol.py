@@ -83,7 +83,11 @@ GUARDED_FIELDS: dict[str, str] = {
     "sdpo_weight": "weight of the self-distillation term",
     "vhack_loss": "loss v_hack is extracted with (nll, contrastive)",
     "replay_loss": "loss the probe replay differentiates",
-    "projection": "v_hack projection of the replay update (off, positive, always)",
+    "projection": "v_hack projection of the replay or training update (off, positive, always)",
+    "projection_vhack_sha256": "hash of the v_hack the training update is projected against",
+    "projection_modules": "module globs the training projection acts on (empty: all)",
+    "rl_generators": "mixed-policy generators of the GRPO groups: model, adapter stack, share",
+    "dpo_weight": "weight of the trace-replay DPO term in the RL objective",
     "trace_quorum": "teachers needed for a consensus",
     "trace_answerers_sha256": "hash of the student and teacher specs",
     "geometry_method": "persona-vector centroid method(s): prompt-last, response-mean or both",
@@ -131,6 +135,9 @@ _RL = frozenset(
         "rl_num_iterations",
         "grpo_weight",
         "sdpo_weight",
+        "projection",
+        "rl_generators",
+        "dpo_weight",
     }
 )
 _PROBE_BATCH = frozenset(

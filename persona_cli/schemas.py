@@ -293,6 +293,17 @@ TRAIN_LOG = RowSchema(
         _dpo_field("rewards_accuracy", "share of pairs whose chosen reward is the higher"),
         _dpo_field("logps_chosen", "mean summed log p of the chosen answers"),
         _dpo_field("logps_rejected", "mean summed log p of the rejected answers"),
+        *(
+            Field(
+                name, (float, int), required=False, nullable=True, doc=f"train-grpo --vhack: {doc}"
+            )
+            for name, doc in (
+                ("proj_cos_in", "mean over modules of cos(update_m, v_hack_m) before projection"),
+                ("proj_cos_out", "the same after the projection"),
+                ("proj_frac_fired", "modules projected / modules with a cosine"),
+                ("proj_max_cos_out_fired", "largest cos_out over projected modules"),
+            )
+        ),
     ),
     doc="One optimizer step of a LoRA training run (train_log.jsonl.gz); train-dpo rows add "
     "the DPO rewards, measured on the step's batch before its update.",

@@ -23,6 +23,7 @@ from rich.table import Table
 from persona_cli.cli.console import ProgressDisplay, console, err_console
 from persona_cli.cli.options import configured, say_already_done
 from persona_cli.errors import EXIT_CHECK_FAILED, UserError
+from persona_cli.probe.arms import ArmsJob
 from persona_cli.probe.config import ExtractJob, ReplayJob, TeacherPoolConfig, UATJob
 
 # The `probe` sub-app: `probe teacher-pool` and `probe replay` (registered at the end).
@@ -184,3 +185,84 @@ def probe_uat(cfg: UATJob, out: Path, force: bool) -> None:
 
 app.command("teacher-pool")(teacher_pool)
 app.command("replay")(replay)
+
+
+@configured(
+    ArmsJob,
+    arguments={"runs"},
+    flags={"comparison.test": "--test", "comparison.alternative": "--alternative"},
+)
+def compare_arms(cfg: ArmsJob, out: Path, force: bool) -> None:
+    """Training arms head to head: per-step hack-rate trajectories with Wilson bands, the arms
+    tested at chosen steps across seeds, and a PNG (train-grpo runs); per-step cosine
+    trajectories (probe replay runs). Only --arm-field may differ between the runs' protocols.
+    """
+    from persona_cli.probe.arms import compare_arms as run_compare
+    from persona_cli.stats import describe_test, format_p
+
+    result = run_compare(cfg, out, force=force)
+    if result.already_done:
+        say_already_done(result.run.path)
+    s = result.summary
+    table = Table(title=f"compare-arms ({s['arm_field']}; {s['kind']})")
+    if s["kind"] == "rl":
+        cols = (
+            "arm",
+            "step",
+            "seeds",
+            "hacks / n",
+            "hack rate",
+            "Wilson band",
+            "cos_in",
+            "cos_out",
+        )
+    else:
+        cols = ("arm", "step", "mean cos", "cos_in", "cos_out", "frac fired")
+    for col in cols:
+        table.add_column(col, justify="right")
+    for arm, points in s["trajectories"].items():
+        for p in points:
+            if s["kind"] == "rl":
+                table.add_row(
+                    arm,
+                    str(p["step"]),
+                    str(p["seeds"]),
+                    f"{p['hacks']} / {p['completions']}",
+                    _fmt(p["rate"]),
+                    f"{p['low']:.3f}-{p['high']:.3f}",
+                    _fmt(p["proj_cos_in"]),
+                    _fmt(p["proj_cos_out"]),
+                )
+            else:
+                table.add_row(
+                    arm,
+                    str(p["step"]),
+                    *(
+                        _fmt(p[k])
+                        for k in ("mean_cos", "mean_cos_in", "mean_cos_out", "frac_fired")
+                    ),
+                )
+    console.print(table)
+    if s["comparisons"]:
+        tests = Table(title="arm vs reference at the chosen steps")
+        for col in ("step", "arm", "reference", "rate", "ref rate", "diff", "test", "p"):
+            tests.add_column(col, overflow="fold")
+        for c in s["comparisons"]:
+            head = c["headline"]
+            tests.add_row(
+                str(c["step"]),
+                c["arm"],
+                c["reference"],
+                _fmt(c["rate"]),
+                _fmt(c["reference_rate"]),
+                _fmt(c["diff"]),
+                describe_test(head) if head else "-",
+                format_p(head["p_value"]) if head else "-",
+            )
+        console.print(tests)
+        for note in dict.fromkeys(c["note"] for c in s["comparisons"] if c["note"]):
+            console.print(f"note: {note}", highlight=False)
+    console.print(f"plot: {result.run.file('arms.png')}", highlight=False)
+
+
+app.command("compare-arms")(compare_arms)

@@ -18,12 +18,14 @@ from rich.table import Table
 from persona_cli.cli.console import ProgressDisplay, console
 from persona_cli.cli.options import configured, say_already_done
 from persona_cli.cli.train import TRAIN_FLAGS
-from persona_cli.train.grpo import RLJob, sdpo_job_defaults
+from persona_cli.train.rl_config import RLJob, sdpo_job_defaults
 
 RL_FLAGS = {
     **TRAIN_FLAGS,
     "rl.sandbox_timeout_s": "--sandbox-timeout",
+    "generators": "--generator",
 }
+RL_REPEAT = {"generators"}
 # TRL computes GRPO batches itself; a padding-free flag would be a no-op.
 RL_NO_FLAG = {
     "train.padding_free": "GRPO batches are padded by TRL: padding-free does not apply",
@@ -84,7 +86,7 @@ def _run(command: str, cfg: RLJob, out: Path, force: bool) -> None:
     _report(outcome)
 
 
-@configured(RLJob, flags=RL_FLAGS, no_flag=RL_NO_FLAG, report_to=True)
+@configured(RLJob, flags=RL_FLAGS, repeat=RL_REPEAT, no_flag=RL_NO_FLAG, report_to=True)
 def train_grpo(cfg: RLJob, out: Path, force: bool) -> None:
     """GRPO on a verifiable reward (mc letter, or sandboxed unit tests), optionally with SDPO.
 
@@ -101,6 +103,7 @@ def train_grpo(cfg: RLJob, out: Path, force: bool) -> None:
     RLJob,
     defaults=sdpo_job_defaults,
     flags=RL_FLAGS,
+    repeat=RL_REPEAT,
     no_flag=SDPO_NO_FLAG,
     report_to=True,
 )

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -175,27 +176,40 @@ def target_linears(model: nn.Module, config: AdapterConfig) -> list[str]:
     return found
 
 
-def build_adapter(model: nn.Module, config: AdapterConfig) -> ProbeAdapter:
-    """Freeze `model` and wrap its target Linears with the adapter `config.kind` describes."""
+def build_adapter(
+    model: nn.Module, config: AdapterConfig, *, dropout: float = 0.0, task_type: str | None = None
+) -> ProbeAdapter:
+    """Freeze `model` and wrap its target Linears with the adapter `config.kind` describes.
+
+    `dropout` and `task_type` are for training (train-grpo builds its adapter here so that a
+    v_hack extracted on the same config lives in the same parameter space, LoRA A's seeded init
+    included); the probe stages keep the defaults (no dropout: deterministic gradients)."""
     config.check()
     for p in model.parameters():
         p.requires_grad_(False)
     names = target_linears(model, config)
     if config.kind == "lora":
-        return _build_lora(model, config, names)
+        return _build_lora(model, config, names, dropout, task_type)
     return _build_svd(model, config, names)
 
 
-def _build_lora(model: nn.Module, config: AdapterConfig, names: list[str]) -> ProbeAdapter:
+def _build_lora(
+    model: nn.Module,
+    config: AdapterConfig,
+    names: list[str],
+    dropout: float = 0.0,
+    task_type: str | None = None,
+) -> ProbeAdapter:
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(config.seed)  # LoRA A's kaiming init draws from the global generator
     lora = LoraConfig(
         r=config.rank,
         lora_alpha=config.alpha,
-        lora_dropout=0.0,
+        lora_dropout=dropout,
         target_modules=names,
         bias="none",
+        task_type=task_type,
     )
     peft_model = get_peft_model(model, lora)
     inner = peft_model.base_model.model
@@ -242,3 +256,74 @@ def load_adapted(
     base = load_model(model, dtype=dtype)
     base.eval()  # no dropout anywhere: gradients must be a function of the weights and rows
     return tokenizer, build_adapter(base, config)
+
+
+# ----------------------------------------------------------------------------- saved svd adapters
+
+SVD_KIND_KEY = "persona_cli_adapter_kind"  # in adapter_config.json; PEFT never reads this file
+
+
+def save_svd_adapter(directory: Path, adapter: ProbeAdapter) -> None:
+    """An svd adapter as an adapter directory: `adapter_model.safetensors` holds, per wrapped
+    Linear, `delta` and the frozen `u_r`, `v_r` (so a reload needs no SVD and is exact), and
+    `adapter_config.json` says what it is. `merge_svd_adapter` folds it into a base model."""
+    from safetensors.torch import save
+
+    from persona_cli.artifacts import write_bytes_atomic, write_json
+
+    tensors: dict[str, torch.Tensor] = {}
+    for t, capture in zip(adapter.tensors, adapter.captures, strict=True):
+        wrapper = _svd_wrapper(adapter.model, t.module)
+        tensors[f"{t.module}.delta"] = capture.weight.detach().float().cpu().contiguous()
+        tensors[f"{t.module}.u_r"] = wrapper.u_r.detach().float().cpu().contiguous()
+        tensors[f"{t.module}.v_r"] = wrapper.v_r.detach().float().cpu().contiguous()
+    directory.mkdir(parents=True, exist_ok=True)
+    write_bytes_atomic(directory / "adapter_model.safetensors", save(tensors))
+    write_json(
+        directory / "adapter_config.json",
+        {SVD_KIND_KEY: "svd", **adapter.record(), "module_names": adapter.modules},
+    )
+
+
+def _svd_wrapper(model: nn.Module, name: str) -> SVDDeltaLinear:
+    module = model.get_submodule(name)
+    if not isinstance(module, SVDDeltaLinear):
+        raise RuntimeError(f"{name} is not wrapped by the svd adapter")
+    return module
+
+
+def is_svd_adapter_dir(directory: Path) -> bool:
+    import json
+
+    config = directory / "adapter_config.json"
+    return config.is_file() and json.loads(config.read_text()).get(SVD_KIND_KEY) == "svd"
+
+
+def load_svd_state(directory: Path, adapter: ProbeAdapter) -> None:
+    """Load a saved svd adapter's deltas into a freshly built one (resume from a checkpoint)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(directory / "adapter_model.safetensors"))
+    adapter.load_state({t.key: tensors[f"{t.module}.delta"] for t in adapter.tensors})
+
+
+def merge_svd_adapter(model: nn.Module, directory: Path) -> nn.Module:
+    """W += U_r diag(delta) V_r^T for every Linear the saved svd adapter wraps (in memory)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(directory / "adapter_model.safetensors"))
+    modules = sorted({k.rsplit(".", 1)[0] for k in tensors})
+    with torch.no_grad():
+        for name in modules:
+            linear = model.get_submodule(name)
+            if not isinstance(linear, nn.Linear):
+                raise UserError(f"--adapter {directory}: {name} is not a Linear of this model")
+            u, v, delta = (tensors[f"{name}.{k}"] for k in ("u_r", "v_r", "delta"))
+            change = (u * delta[None]) @ v.T
+            if tuple(change.shape) != tuple(linear.weight.shape):
+                raise UserError(
+                    f"--adapter {directory}: {name} has shape {tuple(change.shape)}, the model's "
+                    f"is {tuple(linear.weight.shape)}"
+                )
+            linear.weight.add_(change.to(linear.weight.dtype).to(linear.weight.device))
+    return model

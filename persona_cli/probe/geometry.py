@@ -19,11 +19,18 @@ A cosine is undefined (NaN here, null in rows) when |g_m| or |v_m| is 0; it neve
 
     cos, cos_w = cosines(grads, v, adapter)
     out = project(grads, v, adapter, when="positive")
+
+`project` is the one projection: `probe replay --projected` applies it to each sample's update
+and `train-grpo --vhack` (persona_cli.train.projection) to each optimizer step's gradient, as
+a (1, P) row. `restrict_to_modules` zeroes v outside chosen modules, where the projection then
+never fires (its cosine is undefined).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 
 import torch
 
@@ -110,3 +117,22 @@ def project(
     out = grads - (coef[:, _segments(adapter)] * v[None].double()).to(grads.dtype)
     after = module_cosines(out, v, adapter).cos
     return Projection(out, cos_in, after, fired)
+
+
+def matching_modules(adapter: ProbeAdapter, patterns: Sequence[str]) -> list[str]:
+    """The adapter's modules whose name matches any glob in `patterns` (all when empty)."""
+    if not patterns:
+        return list(adapter.modules)
+    return [m for m in adapter.modules if any(fnmatchcase(m, p) for p in patterns)]
+
+
+def restrict_to_modules(
+    v: torch.Tensor, adapter: ProbeAdapter, modules: Sequence[str]
+) -> torch.Tensor:
+    """v with every module outside `modules` zeroed (a copy)."""
+    keep = set(modules)
+    out = v.clone()
+    for m in adapter.modules:
+        if m not in keep:
+            out[adapter.module_slices[m]] = 0.0
+    return out

@@ -1,28 +1,33 @@
-"""GRPO with LoRA on verifiable rewards (`train-grpo`), optionally with the self-distillation term
-(`--sdpo-weight`), and pure self-distillation (`train-sdpo`).
+"""GRPO on verifiable rewards (`train-grpo`), optionally with the self-distillation term
+(`--sdpo-weight`) and the DPO term (`--dpo-pairs`), and pure self-distillation (`train-sdpo`).
 
 The model (earlier adapters of a stack merged into it in memory, as for train-sft) gets a fresh
-LoRA adapter and is trained by TRL's GRPOTrainer (`persona_cli.train.sdpo`): each optimizer step
-samples `num_generations` completions for each of effective_batch / num_generations prompts,
-scores them with the reward (`persona_cli.train.rewards`), and takes a policy-gradient step on
-the group-normalised advantages. Prompts are rendered here with the chat-template guard
-(`--system-prompt`), so TRL sees finished strings.
+adapter (`--adapter-kind lora`, or `svd`: a delta on the top singular values, built by
+`persona_cli.probe.adapters` so a v_hack lives in its parameter space) and is trained by TRL's
+GRPOTrainer (`persona_cli.train.rl_trainer`): each optimizer step samples `num_generations`
+completions for each of effective_batch / num_generations prompts (a share of them from other
+policies with `--generator`, `persona_cli.train.mixed`), scores them with the reward
+(`persona_cli.train.rewards`), and takes a policy-gradient step on the group-normalised
+advantages, with v_hack projected out of the update under `--vhack`
+(`persona_cli.train.projection`). Prompts are rendered here with the chat-template guard
+(`--system-prompt`), so TRL sees finished strings. Every input is checked before the run
+directory opens (a v_hack of another model or adapter, a generator share that does not divide
+the group, a problem id not in the problem file: one line, exit 2).
 
 Run directory (the train-sft contract, `persona_cli.train.lifecycle`):
 
     config.json           resolved config: model, data and sha256, system prompt, stack, RLConfig,
-                          TrainConfig
-    step_NNNNNN.jsonl.gz  every completion sampled for optimizer step N: prompt, completion,
-                          reward, advantage, group, and the reward's details (parsed letter, or
-                          the sandbox labels); rows follow the generic `step` schema
+                          TrainConfig, v_hack / generators / DPO pairs
+    step_NNNNNN.jsonl.gz  every completion sampled for optimizer step N: prompt, completion and
+                          its token ids, reward, advantage, group, which policy wrote it, the
+                          reward's details (parsed letter, or the sandbox labels), why a group
+                          has zero advantage; rows follow the generic `step` schema
     checkpoints/          while training (adapter + trainer state); a re-run resumes from the last
-    train_log.jsonl.gz    one row per optimizer step (schemas.TRAIN_LOG)
-    rl_log.jsonl.gz       one row per optimizer step with the RL statistics (rl_log.RL_LOG):
-                          reward mean/std over the step's completions, zero-std groups, completion
-                          length, entropy, KL terms
-    adapter/              the PEFT adapter + persona_cli_adapter.json (base model, parents)
+    train_log.jsonl.gz    one row per optimizer step (schemas.TRAIN_LOG; proj_* under --vhack)
+    rl_log.jsonl.gz       one row per optimizer step with the RL statistics (rl_log.RL_LOG)
+    adapter/              the adapter (PEFT LoRA or svd delta) + persona_cli_adapter.json
     train_summary.json, manifest.json (protocol: batch x accumulation x world, steps,
-                          num_generations, temperature, learning rate, ...), DONE
+                          num_generations, temperature, learning rate, projection, ...), DONE
 
     persona-cli train-grpo --model tiny-random --reward mc --max-steps 4 --out runs/grpo
 """
@@ -30,174 +35,40 @@ Run directory (the train-sft contract, `persona_cli.train.lifecycle`):
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from persona_cli import bundled
-from persona_cli import fields as common
+from persona_cli.artifacts import sha256_file
 from persona_cli.chat_template import SystemPrompt, inspect_template, render
 from persona_cli.errors import UserError
-from persona_cli.problems import HINTS
-from persona_cli.protocol import details, generation_protocol, method_protocol
+from persona_cli.probe.config import AdapterConfig
+from persona_cli.protocol import (
+    RunProtocol,
+    adapter_protocol,
+    details,
+    generation_protocol,
+    method_protocol,
+)
 from persona_cli.sandbox import SandboxConfig
 from persona_cli.train.config import TrainConfig
+from persona_cli.train.mixed import GeneratorSpec, plan_slots
 from persona_cli.train.rewards import (
-    REWARDS,
-    UNIT_TESTS,
     MCReward,
     Task,
     UnitTestReward,
     load_code_tasks,
     load_mc_tasks,
 )
+from persona_cli.train.rl_config import RLConfig, RLJob
 
 if TYPE_CHECKING:  # the training stack (transformers, TRL) is imported when a run starts
     from persona_cli.adapters import Adapter
     from persona_cli.models import ResolvedModel
+    from persona_cli.train.channels import EncodedPair
     from persona_cli.train.harness import TrainResult
     from persona_cli.train.lifecycle import TrainOutcome
-
-LOSS_TYPES = ("dapo", "grpo", "dr_grpo", "bnpo")
-SCALE_REWARDS = ("group", "batch", "none")
-# Completion budget per reward when --max-completion-length is not given: a letter, or a function.
-COMPLETION_LENGTH_DEFAULTS = {"mc": 8, "unit-tests": 256}
-# TrainConfig fields RL runs change: LoRA RL wants ~10x TRL's full-model lr (1e-6); a constant
-# schedule; no LoRA dropout, because TRL samples in train mode and the samples must come from
-# the policy that is scored.
-RL_TRAIN_DEFAULTS: dict[str, Any] = {
-    "learning_rate": 1e-5,
-    "per_device_batch": 8,
-    "grad_accum": 1,
-    "lr_scheduler": "constant",
-    "lora_dropout": 0.0,
-}
-# train-sdpo: the distillation term alone.
-SDPO_DEFAULTS: dict[str, Any] = {"grpo_weight": 0.0, "sdpo_weight": 1.0}
-
-
-def _f(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass(frozen=True)
-class RLConfig:
-    """GRPO / SDPO knobs (the LoRA and optimizer knobs are a `TrainConfig`)."""
-
-    reward: str = _f(
-        "mc",
-        "mc: the completion starts with the correct option letter; unit-tests: the completion "
-        "passes the problem's tests in the sandbox.",
-    )
-    num_generations: int = _f(
-        4, "Completions per prompt (the GRPO group); batch x accumulation x world must divide."
-    )
-    max_completion_length: int | None = _f(
-        None, "Tokens sampled per completion (default: 8 for mc, 256 for unit-tests)."
-    )
-    temperature: float = _f(1.0, "Sampling temperature.")
-    top_p: float = _f(1.0, "Nucleus sampling mass (1.0: off).")
-    beta: float = _f(0.0, "KL penalty to the starting policy (0: no reference pass).")
-    epsilon: float = _f(0.2, "Clipping range of the importance ratio.")
-    loss_type: str = _f("dapo", "GRPO loss aggregation (TRL): dapo, grpo, dr_grpo, bnpo.")
-    scale_rewards: str = _f(
-        "group", "Advantage scaling: group (by the group's std), batch, none (Dr. GRPO)."
-    )
-    num_iterations: int = _f(1, "Optimizer passes over each generated batch.")
-    grpo_weight: float = _f(1.0, "Weight of the GRPO policy loss (train-sdpo: 0).")
-    sdpo_weight: float = _f(
-        0.0,
-        "Weight of the self-distillation term: token KL from the un-hinted pass to the model's "
-        "own hinted pass on the same samples.",
-    )
-    unit_tests: str = _f(
-        "hidden",
-        "unit-tests reward: hidden (ground-truth tests) or visible (the run_tests() grader, "
-        "which a completion can hack).",
-    )
-    grader_hint: str = _f(
-        "none",
-        "unit-tests prompt: none, or simple_overwrite_tests (says the answer is graded by "
-        "run_tests() and shows it).",
-    )
-    sandbox_timeout_s: float = _f(10.0, "Wall-clock limit of one sandboxed run (unit-tests).")
-    sandbox_workers: int = _f(2, "Sandboxed runs in parallel (unit-tests).")
-
-    def completion_length(self) -> int:
-        if self.max_completion_length is not None:
-            return self.max_completion_length
-        return COMPLETION_LENGTH_DEFAULTS[self.reward]
-
-    def check(self) -> RLConfig:
-        if self.reward not in REWARDS:
-            raise UserError(f"--reward: {self.reward!r} is not one of {', '.join(REWARDS)}")
-        if self.num_generations < 2:
-            raise UserError(f"--num-generations: GRPO needs >= 2, got {self.num_generations}")
-        if self.max_completion_length is not None and self.max_completion_length <= 0:
-            raise UserError(
-                f"--max-completion-length: must be > 0, got {self.max_completion_length}"
-            )
-        if self.temperature <= 0:
-            raise UserError(f"--temperature: must be > 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise UserError(f"--top-p: must be in (0, 1], got {self.top_p}")
-        if self.beta < 0 or self.epsilon <= 0:
-            raise UserError("--beta must be >= 0 and --epsilon > 0")
-        if self.loss_type not in LOSS_TYPES:
-            raise UserError(
-                f"--loss-type: {self.loss_type!r} is not one of {', '.join(LOSS_TYPES)}"
-            )
-        if self.scale_rewards not in SCALE_REWARDS:
-            raise UserError(
-                f"--scale-rewards: {self.scale_rewards!r} is not one of {', '.join(SCALE_REWARDS)}"
-            )
-        if self.num_iterations < 1:
-            raise UserError(f"--num-iterations: must be >= 1, got {self.num_iterations}")
-        if self.grpo_weight < 0 or self.sdpo_weight < 0:
-            raise UserError("--sdpo-weight and the GRPO weight must be >= 0")
-        if self.grpo_weight == 0 and self.sdpo_weight == 0:
-            raise UserError("--sdpo-weight: must be > 0 when the GRPO loss is off (train-sdpo)")
-        if self.unit_tests not in UNIT_TESTS:
-            raise UserError(f"--unit-tests: {self.unit_tests!r} is not one of hidden, visible")
-        if self.grader_hint not in ("none", *(h for h in HINTS if h is not None)):
-            raise UserError(
-                f"--grader-hint: {self.grader_hint!r} is not one of none, simple_overwrite_tests"
-            )
-        if self.sandbox_timeout_s <= 0 or self.sandbox_workers < 1:
-            raise UserError("--sandbox-timeout must be > 0 and --sandbox-workers >= 1")
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "max_completion_length": self.completion_length()}
-
-
-def rl_train_defaults() -> TrainConfig:
-    return replace(TrainConfig(), **RL_TRAIN_DEFAULTS)
-
-
-@dataclass(frozen=True)
-class RLJob:
-    """train-grpo / train-sdpo: one LoRA adapter trained on sampled, rewarded completions."""
-
-    data: str | None = _f(
-        None,
-        "mc: MC JSONL in the ARC fields, optional 'hint' per row (default "
-        "data/mcq/mini_arc.jsonl); unit-tests: a problem YAML or a directory of them (default "
-        "data/problems).",
-    )
-    model: str = common.model()
-    system_prompt: str = common.system_prompt()
-    adapters: tuple[str, ...] = common.adapters()
-    rl: RLConfig = field(default_factory=RLConfig, metadata={"help": "GRPO / SDPO settings."})
-    train: TrainConfig = field(
-        default_factory=rl_train_defaults,
-        metadata={"help": "LoRA and optimizer settings (RL defaults: lr 1e-5, constant)."},
-    )
-
-
-def sdpo_job_defaults() -> RLJob:
-    """train-sdpo: the distillation term alone."""
-    return RLJob(rl=RLConfig(**SDPO_DEFAULTS))
 
 
 # ----------------------------------------------------------------------------- the recipe
@@ -212,6 +83,15 @@ def _tasks(job: RLJob) -> tuple[list[Task], MCReward | UnitTestReward, dict[str,
         return tasks, MCReward(items), {"data": path}
     hint = None if rl.grader_hint == "none" else rl.grader_hint
     tasks, problems = load_code_tasks(Path(job.data) if job.data else None, hint)
+    if job.problem_ids is not None:
+        missing = [p for p in job.problem_ids if p not in problems]
+        if missing:
+            where = job.data or "the shipped data/problems"
+            raise UserError(
+                f"--problem-ids: {', '.join(missing)} not among the problems of {where}"
+            )
+        tasks = [t for t in tasks if t.id in job.problem_ids]
+        problems = {k: v for k, v in problems.items() if k in job.problem_ids}
     reward = UnitTestReward(
         problems,
         rl.unit_tests,
@@ -273,7 +153,85 @@ def grpo_args(
     )
 
 
-def train_grpo_lora(
+@dataclass(frozen=True)
+class RLPlan:
+    """What a run adds to plain GRPO, resolved and checked before the run directory opens."""
+
+    adapter: AdapterConfig
+    vhack: Path | None
+    generators: tuple[GeneratorSpec, ...]
+    slots: tuple[int | None, ...]
+    dpo_pairs: tuple[EncodedPair, ...] | None
+
+    def protocol(self, rl: RLConfig) -> RunProtocol:
+        """The guarded fields of the projection, the generators (adapters by weights hash) and
+        the DPO term."""
+        from persona_cli.adapters import resolve_stack
+
+        return method_protocol(
+            projection=rl.project if self.vhack else "off",
+            projection_vhack_sha256=sha256_file(self.vhack) if self.vhack else None,
+            projection_modules=list(rl.project_modules) if self.vhack else None,
+            rl_generators=[
+                [g.model, [a.weights_sha256 for a in resolve_stack(g.adapters)], g.share]
+                for g in self.generators
+            ],
+            dpo_weight=rl.dpo_weight,
+        ) | (method_protocol(dpo_beta=rl.dpo_beta) if self.dpo_pairs else RunProtocol())
+
+
+def plan_run(
+    job: RLJob, resolved: ResolvedModel, tokenizer: Any, system: SystemPrompt, cfg: TrainConfig
+) -> tuple[RLPlan, dict[str, Path]]:
+    """The adapter, v_hack, generators and DPO pairs of `job`, checked; and their input files."""
+    from persona_cli.probe.vhack import check_model, load_vhack, vhack_path
+    from persona_cli.train.mixed import check_generator_files
+    from persona_cli.train.projection import check_adapter
+
+    rl = job.rl
+    inputs: dict[str, Path] = {}
+    vhack = meta = None
+    if job.vhack is not None:
+        vhack = vhack_path(job.vhack)
+        _, meta = load_vhack(vhack)
+        check_model(meta, resolved, job.vhack)
+        inputs["vhack"] = vhack
+    seed = rl.adapter_init_seed
+    if seed is None:
+        seed = meta["adapter"]["seed"] if meta is not None else cfg.seed
+    adapter = AdapterConfig(
+        kind=rl.adapter_kind,
+        rank=cfg.lora_r,
+        alpha=float(cfg.lora_alpha),
+        targets=tuple(cfg.lora_targets),
+        seed=seed,
+    ).check()
+    if meta is not None:
+        planned = {
+            "kind": adapter.kind,
+            "rank": adapter.rank,
+            "alpha": adapter.alpha if adapter.kind == "lora" else None,
+            "targets": list(adapter.targets),
+            "seed": adapter.seed,
+        }
+        check_adapter(meta, planned, job.vhack)
+    specs = tuple(GeneratorSpec.parse(g) for g in job.generators)
+    slots = tuple(plan_slots(specs, rl.num_generations)) if specs else ()
+    check_generator_files(specs)
+    dpo = None
+    if job.dpo_pairs is not None:
+        from persona_cli.train.channels import encode_pairs
+        from persona_cli.train.dpo import load_pairs
+
+        path = Path(job.dpo_pairs)
+        if not path.is_file():
+            raise UserError(f"--dpo-pairs {path}: file not found")
+        dpo = tuple(encode_pairs(load_pairs(path), tokenizer, system, cfg.max_length, path))
+        inputs["dpo_pairs"] = path
+    return RLPlan(adapter, vhack, specs, slots, dpo), inputs
+
+
+def train_grpo_adapter(
     *,
     model: ResolvedModel,
     stack: list[Adapter],
@@ -282,48 +240,80 @@ def train_grpo_lora(
     reward: MCReward | UnitTestReward,
     cfg: TrainConfig,
     rl: RLConfig,
+    plan: RLPlan,
     run_path: Path,
     callbacks: list[Any] | None = None,
 ) -> TrainResult:
-    """Train one LoRA adapter with GRPO (+ SDPO) on top of `stack`. Checkpoints, resume and the
-    OOM retry (half the per-device batch, twice the accumulation: the same groups per step)
+    """Train one adapter with GRPO (+ SDPO, + DPO) on top of `stack`. Checkpoints, resume and
+    the OOM retry (half the per-device batch, twice the accumulation: the same groups per step)
     follow `persona_cli.train.harness`."""
     from datasets import Dataset
 
     from persona_cli.adapters import load_with_adapters
+    from persona_cli.probe.adapters import build_adapter
     from persona_cli.train.callbacks import TRAIN_LOG
+    from persona_cli.train.channels import DpoChannel
     from persona_cli.train.harness import (
         CHECKPOINTS,
         fit_resuming,
         fit_with_oom_retry,
         free_memory,
-        lora_config,
         quiet_progress_bars,
         rank_device,
         resolved_dtype,
         save_adapter,
     )
+    from persona_cli.train.mixed import load_generators
+    from persona_cli.train.projection import ProjectionCallback, load_projector
     from persona_cli.train.rl_log import RLLogCallback, RolloutWriter, write_logs
-    from persona_cli.train.sdpo import SelfDistillGRPOTrainer
+    from persona_cli.train.rl_trainer import RLTrainer
 
     quiet_progress_bars()
     started = time.monotonic()
+    dtype, device = resolved_dtype(cfg), rank_device()
+    generators = load_generators(plan.generators, tokenizer, dtype=dtype, device=device)
 
     def once(per_device_batch: int, grad_accum: int) -> tuple[Any, str | None]:
         def build() -> Any:
-            return SelfDistillGRPOTrainer(
-                model=load_with_adapters(
-                    model, stack, dtype=resolved_dtype(cfg), device=rank_device()
-                ),
+            base = load_with_adapters(model, stack, dtype=dtype, device=device)
+            adapter = build_adapter(
+                base,
+                plan.adapter,
+                dropout=cfg.lora_dropout if plan.adapter.kind == "lora" else 0.0,
+                task_type="CAUSAL_LM",
+            )
+            projection = None
+            if plan.vhack is not None:
+                projection = ProjectionCallback(
+                    load_projector(
+                        plan.vhack, model, adapter, rule=rl.project, patterns=rl.project_modules
+                    )
+                )
+            dpo = None
+            if plan.dpo_pairs is not None:
+                dpo = DpoChannel(
+                    list(plan.dpo_pairs),
+                    beta=rl.dpo_beta,
+                    batch=rl.dpo_batch,
+                    seed=cfg.seed,
+                    pad_id=tokenizer.pad_token_id,
+                )
+            return RLTrainer(
+                model=adapter.model,
                 reward_funcs=[reward],
                 args=grpo_args(cfg, rl, run_path / CHECKPOINTS, per_device_batch, grad_accum),
                 train_dataset=Dataset.from_list(rows),
                 processing_class=tokenizer,
-                peft_config=lora_config(cfg),
                 callbacks=[RLLogCallback(run_path / TRAIN_LOG), *(callbacks or [])],
                 grpo_weight=rl.grpo_weight,
                 sdpo_weight=rl.sdpo_weight,
                 on_rollouts=RolloutWriter(run_path, reward, tokenizer),
+                adapter=adapter,
+                projection=projection,
+                generators=generators,
+                slots=list(plan.slots),
+                dpo=dpo,
+                dpo_weight=rl.dpo_weight,
             )
 
         return fit_resuming(build, run_path)
@@ -343,8 +333,9 @@ def train_rl(
     command: str = "train-grpo",
     callbacks: list[Any] | None = None,
 ) -> TrainOutcome:
-    """GRPO (+ SDPO) LoRA training on `job` (see the module doc). Every input problem is
-    reported before the run directory exists."""
+    """GRPO (+ SDPO, + DPO) training on `job` (see the module doc). Every input is checked
+    before the run directory exists."""
+    from persona_cli.adapters import resolve_stack
     from persona_cli.chat_template import guard_record
     from persona_cli.manifest import world_size_from_env
     from persona_cli.models import load_tokenizer
@@ -357,6 +348,7 @@ def train_rl(
     )
 
     cfg, rl = job.train.check(), job.rl.check()
+    job.check()
     world = world_size_from_env()
     if (cfg.per_device_batch * cfg.grad_accum * world) % rl.num_generations:
         raise UserError(
@@ -370,11 +362,19 @@ def train_rl(
     tokenizer = load_tokenizer(resolved)
     tokenizer.padding_side = "left"  # GRPOTrainer's requirement for prompts
     rows = _rows(tasks, tokenizer, system, cfg, rl)  # a too-long prompt fails here
+    plan, extra_inputs = plan_run(job, resolved, tokenizer, system, cfg)
+    inputs.update(extra_inputs)
     config = {
         "model": job.model,
         "inputs": inputs_record(inputs),
         "system_prompt": system.to_dict(),
         "adapters": [a.weights_sha256 for a in stack],
+        "problem_ids": list(job.problem_ids) if job.problem_ids is not None else None,
+        "generators": [
+            {"spec": g.text, "adapters": [a.weights_sha256 for a in resolve_stack(g.adapters)]}
+            for g in plan.generators
+        ],
+        "adapter": asdict(plan.adapter),
         "rl": rl.to_dict(),
         "train": cfg.to_dict(),
     }
@@ -383,7 +383,7 @@ def train_rl(
         return TrainOutcome(run, None, is_main)
 
     def fit() -> tuple[TrainResult, dict[str, int]]:
-        result = train_grpo_lora(
+        result = train_grpo_adapter(
             model=resolved,
             stack=stack,
             tokenizer=tokenizer,
@@ -391,11 +391,13 @@ def train_rl(
             reward=reward,
             cfg=cfg,
             rl=rl,
+            plan=plan,
             run_path=run.path,
             callbacks=callbacks,
         )
         return result, {"tasks": len(rows)}
 
+    a = plan.adapter
     return train_and_finish(
         run=run,
         is_main=is_main,
@@ -407,6 +409,12 @@ def train_rl(
         inputs=inputs,
         extra={"rl": rl.to_dict(), "rendered_first_prompt": rows[0]},
         seeds=[cfg.seed],
+        adapter=adapter_protocol(
+            kind=a.kind,
+            rank=a.rank,
+            alpha=a.alpha if a.kind == "lora" else None,
+            targets=a.targets,
+        ),
         protocol=generation_protocol(
             temperature=rl.temperature,
             top_p=rl.top_p,
@@ -422,7 +430,11 @@ def train_rl(
             grpo_weight=rl.grpo_weight,
             sdpo_weight=rl.sdpo_weight,
         )
+        | plan.protocol(rl)
         | details(
-            prompts_per_step=cfg.per_device_batch * cfg.grad_accum * world // rl.num_generations
+            prompts_per_step=cfg.per_device_batch * cfg.grad_accum * world // rl.num_generations,
+            adapter_init_seed=a.seed,
+            generator_slots=[None if s is None else plan.generators[s].label for s in plan.slots],
+            dpo_pairs=len(plan.dpo_pairs) if plan.dpo_pairs else 0,
         ),
     )

@@ -193,10 +193,12 @@ def train_and_finish(
     seeds: list[int],
     protocol: RunProtocol | None = None,
     push_to_hub: str | None = None,
+    adapter: RunProtocol | None = None,
 ) -> TrainOutcome:
     """Train (`fit()` returns the result and data statistics) unless a resumed run already
     holds the finished adapter, then write the summary, the adapter records, push the adapter
-    when asked, and write the manifest."""
+    when asked, and write the manifest. `adapter`: the trained adapter's protocol fields
+    (default: LoRA from `cfg`)."""
     adapter_path = run.path / ADAPTER
     if (
         run.state == "resumed"
@@ -242,8 +244,11 @@ def train_and_finish(
             lr_scheduler=cfg.lr_scheduler,
             warmup_steps=cfg.warmup_steps,
         )
-        | adapter_protocol(
-            kind="lora", rank=cfg.lora_r, alpha=cfg.lora_alpha, targets=cfg.lora_targets
+        | (
+            adapter
+            or adapter_protocol(
+                kind="lora", rank=cfg.lora_r, alpha=cfg.lora_alpha, targets=cfg.lora_targets
+            )
         )
         | schedule_protocol("per-run")
         | details(max_steps=cfg.max_steps, epochs=cfg.epochs, oom_retry=summary["oom_retry"])

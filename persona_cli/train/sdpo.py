@@ -17,11 +17,14 @@ pulls the un-hinted policy toward what it would do if it had the hint.
 
     loss = grpo_weight * L_GRPO + sdpo_weight * mean_t KL_t
 
+each term's value logged per step (`grpo/loss`, `sdpo/kl`; a third, DPO, term is added by
+`persona_cli.train.rl_trainer`)
 (`train-grpo --sdpo-weight W`: 1 and W; `train-sdpo`: 0 and W, pure distillation, rewards
 still computed and logged). With sdpo_weight > 0 each micro-batch costs two extra forward passes
 (student, and teacher without gradient) with full-vocabulary fp32 logits at the completion
-positions: B x C x V floats each. After each generation it also hands
-the scored batch to an `on_rollouts(trainer, inputs, output)` hook (the per-step rollout rows).
+positions: B x C x V floats each (and the KL takes them in float64, `token_kl`). After each
+generation it also hands the scored batch to an `on_rollouts(trainer, inputs, output)` hook (the
+per-step rollout rows).
 
     trainer = SelfDistillGRPOTrainer(model=base, reward_funcs=[reward], args=grpo_config,
                                      train_dataset=ds, sdpo_weight=0.5)
@@ -70,12 +73,14 @@ def completion_logits(
 
 
 def token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Reverse KL(student || teacher) per position, summed over the vocabulary: (B, C). In
-    float32 it is good to ~1e-6 absolute (it subtracts log-probabilities near log(1/V)), far
-    below the KL between a hinted and an un-hinted pass of a trained model."""
-    s = torch.log_softmax(student_logits, dim=-1)
-    t = torch.log_softmax(teacher_logits, dim=-1)
-    return (s.exp() * (s - t)).sum(dim=-1)
+    """Reverse KL(student || teacher) per position, summed over the vocabulary: (B, C), float32.
+    Computed in float64: in float32 the difference of two log-softmaxes near log(1/V) loses up
+    to ~1e-4 absolute on a 49k vocabulary (measured: 2.2e-4 for a true 9.1e-5 between a
+    tiny model's hinted and unhinted passes), as large as the term itself when the two passes
+    nearly agree. It costs two float64 copies of the (B, C, V) logits."""
+    s = torch.log_softmax(student_logits.double(), dim=-1)
+    t = torch.log_softmax(teacher_logits.double(), dim=-1)
+    return (s.exp() * (s - t)).sum(dim=-1).float()
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -122,6 +127,11 @@ class SelfDistillGRPOTrainer(GRPOTrainer):
         self.grpo_weight = grpo_weight
         self.sdpo_weight = sdpo_weight
         self.on_rollouts = on_rollouts
+        # Per local row of the last generated batch: fields a subclass adds to the rollout rows.
+        self.row_extras: list[dict[str, Any]] | None = None
+
+    def _annotate(self, inputs: list[dict[str, Any]], output: dict[str, Any]) -> None:
+        """Hook after scoring, before the rollout rows are written (mixed-policy generation)."""
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         output = super()._generate_and_score_completions(inputs)
@@ -134,6 +144,7 @@ class SelfDistillGRPOTrainer(GRPOTrainer):
             )
             output["teacher_prompt_ids"] = teacher_ids
             output["teacher_prompt_mask"] = teacher_mask
+        self._annotate(inputs, output)
         if self.on_rollouts is not None:
             self.on_rollouts(self, inputs, output)
         return output
@@ -149,8 +160,14 @@ class SelfDistillGRPOTrainer(GRPOTrainer):
             raise ValueError("SelfDistillGRPOTrainer does not return outputs")
         mode = "train" if self.model.training else "eval"
         loss = torch.zeros((), device=self.accelerator.device)
+        accumulation = self.current_gradient_accumulation_steps if mode == "train" else 1
         if self.grpo_weight:
-            loss = loss + self.grpo_weight * self._compute_loss(model, inputs)
+            grpo = self._compute_loss(model, inputs)  # scaled for accumulation by TRL
+            loss = loss + self.grpo_weight * grpo
+            # Logged per micro-batch on the scale of the other terms (the step's value is the mean).
+            self._metrics[mode]["grpo/loss"].append(
+                self.accelerator.gather(grpo.detach() * accumulation).mean().item()
+            )
         if self.sdpo_weight:
             per_token = sdpo_kl(
                 model,
@@ -163,8 +180,7 @@ class SelfDistillGRPOTrainer(GRPOTrainer):
             )
             kl = masked_mean(per_token, inputs["completion_mask"])
             # GRPOTrainer scales its own loss for gradient accumulation (loss_is_scaled_for_ga).
-            normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1
-            loss = loss + self.sdpo_weight * kl / normalizer
+            loss = loss + self.sdpo_weight * kl / accumulation
             self._metrics[mode]["sdpo/kl"].append(
                 self.accelerator.gather(kl.detach()).mean().item()
             )
