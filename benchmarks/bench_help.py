@@ -4,7 +4,8 @@
 
 Each round runs every (tree, command) once, in alternating order, as a fresh process
 (`python -m persona_cli ... --help`, output discarded), with PYTHONPATH set to the tree; the
-figure is the median wall time per (tree, command). Also lists which heavy packages importing
+figures are the median wall time and the median CPU time (user + system of the child) per
+(tree, command); CPU time is the one to read on a loaded machine. Also lists which heavy packages importing
 `persona_cli.cli` loads in each tree. Writes the BENCHMARKS.md section with --write.
 """
 
@@ -25,20 +26,27 @@ COMMANDS = (["--help"], ["eval-markers", "--help"], ["train-sft", "--help"])
 HEAVY = ("torch", "numpy", "scipy", "statsmodels", "transformers", "matplotlib", "httpx")
 
 
-def _time(tree: Path, args: list[str]) -> float:
+def _time(tree: Path, args: list[str]) -> tuple[float, float]:
     env = {**os.environ, "PYTHONPATH": str(tree), "COLUMNS": "100"}
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), os.times()
+    # cwd = the tree: `python -m` puts the working directory first on sys.path.
     subprocess.run(
-        [sys.executable, "-m", "persona_cli", *args], env=env, check=True, capture_output=True
+        [sys.executable, "-m", "persona_cli", *args],
+        env=env,
+        cwd=tree,
+        check=True,
+        capture_output=True,
     )
-    return time.perf_counter() - t0
+    c1 = os.times()
+    cpu = (c1.children_user - c0.children_user) + (c1.children_system - c0.children_system)
+    return time.perf_counter() - t0, cpu
 
 
 def _heavy(tree: Path) -> list[str]:
     code = "import sys, persona_cli.cli; print(' '.join(m for m in %r if m in sys.modules))"
     env = {**os.environ, "PYTHONPATH": str(tree)}
     out = subprocess.run(
-        [sys.executable, "-c", code % (HEAVY,)], env=env, check=True, capture_output=True
+        [sys.executable, "-c", code % (HEAVY,)], env=env, cwd=tree, check=True, capture_output=True
     )
     return out.stdout.decode().split()
 
@@ -50,7 +58,7 @@ def main() -> None:
     ap.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
     args = ap.parse_args()
     trees = dict(t.split("=", 1) for t in args.tree)
-    times: dict[tuple[str, str], list[float]] = {}
+    times: dict[tuple[str, str], list[tuple[float, float]]] = {}
     load_start = load_average()
     for r in range(args.rounds):
         order = list(trees.items()) if r % 2 == 0 else list(reversed(trees.items()))
@@ -67,12 +75,16 @@ def main() -> None:
         f"start, {load_end} at the end",
         f"- date: {time.strftime('%Y-%m-%dT%H:%M:%S%z')}, git {git_commit()}",
         "",
-        "| tree | command | median s | all runs (s) |",
-        "| --- | --- | ---: | --- |",
+        "| tree | command | median wall s | median CPU s | all runs, wall (s) |",
+        "| --- | --- | ---: | ---: | --- |",
     ]
     for (name, cmd), ts in times.items():
-        runs = ", ".join(f"{t:.2f}" for t in ts)
-        lines.append(f"| {name} | `persona-cli {cmd}` | {statistics.median(ts):.2f} | {runs} |")
+        walls, cpus = [w for w, _ in ts], [c for _, c in ts]
+        runs = ", ".join(f"{w:.2f}" for w in walls)
+        lines.append(
+            f"| {name} | `persona-cli {cmd}` | {statistics.median(walls):.2f} | "
+            f"{statistics.median(cpus):.2f} | {runs} |"
+        )
     lines.append("")
     for name, path in trees.items():
         heavy = _heavy(Path(path))

@@ -6,8 +6,8 @@ steps) was compared with conditions trained on 1 GPU (batch 16, 375 steps).
 Every command passes one `RunProtocol` to `RunDir.finish`, built only by the helpers below
 (`training_protocol`, `generation_protocol`, `judge_protocol`, ...; combine them with `|`). Its
 `fields` are guarded: each key is one of `GUARDED_FIELDS`, so a field a command records is guarded
-by construction (`OPTIONAL_FIELDS`, steering and ablation, are recorded only by runs that
-used them). Its `details` are recorded beside them and never compared (vLLM engine settings,
+by construction (`OPTIONAL_FIELDS`, steering, ablation and the v_hack a projected RL update
+uses, are recorded only by runs that used them). Its `details` are recorded beside them and never compared (vLLM engine settings,
 completion counts, the OOM retry). `REQUIRED_FIELDS` lists per command the fields its manifest
 must yield; `RunDir.finish` refuses to write a manifest without them, so a command that stops
 recording one fails in every test that runs it. The manifest holds the fields at the top of
@@ -104,7 +104,9 @@ GUARDED_FIELDS: dict[str, str] = {
 DERIVED_FIELDS = ("question_set_sha256", "chat_template_sha256", "system_prompt")
 # Guarded fields a run records only when it used them: absent means none (so runs made before
 # they existed compare with runs that do not use them). No command requires them.
-OPTIONAL_FIELDS = frozenset({"steering", "ablation"})
+OPTIONAL_FIELDS = frozenset(
+    {"steering", "ablation", "projection_vhack_sha256", "projection_modules"}
+)
 
 _TRAINING = frozenset(
     {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,6 +67,9 @@ class ProgressDisplay:
         probe teacher-pool graded: 64/64 completions, 1.52 completions/s
 
     The bar starts at the first task with work left, so a finished run prints no empty bar.
+    Libraries may advance a task from worker threads (the graders of `probe teacher-pool`), so
+    every change and the line it prints happen under one lock: counts are never lost and a
+    task's lines never go backwards.
     """
 
     def __init__(self, label: str):
@@ -85,8 +89,13 @@ class ProgressDisplay:
         self.tasks: dict[str, Any] = {}
         self.plain: dict[str, _Plain] = {}
         self.started = False
+        self.lock = threading.RLock()
 
     def begin(self, key: str, total: int, *, done: int = 0, unit: str = "items") -> None:
+        with self.lock:
+            self._begin(key, total, done, unit)
+
+    def _begin(self, key: str, total: int, done: int, unit: str) -> None:
         fields = {"resumed_from": done, "unit": unit, "status": ""}
         if key in self.tasks:
             self.bar.reset(self.tasks[key], total=total, completed=done, **fields)
@@ -99,9 +108,14 @@ class ProgressDisplay:
             self.started = True
 
     def advance(self, key: str, n: int = 1, *, status: str = "") -> None:
-        self.update(key, self.plain[key].completed + n, status=status)
+        with self.lock:
+            self._update(key, self.plain[key].completed + n, status)
 
     def update(self, key: str, completed: int, *, status: str = "") -> None:
+        with self.lock:
+            self._update(key, completed, status)
+
+    def _update(self, key: str, completed: int, status: str) -> None:
         state = self.plain[key]
         state.completed = completed
         if status:
