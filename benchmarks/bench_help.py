@@ -5,8 +5,9 @@
 Each round runs every (tree, command) once, in alternating order, as a fresh process
 (`python -m persona_cli ... --help`, output discarded), with PYTHONPATH set to the tree; the
 figures are the median wall time and the median CPU time (user + system of the child) per
-(tree, command); CPU time is the one to read on a loaded machine. Also lists which heavy packages importing
-`persona_cli.cli` loads in each tree. Writes the BENCHMARKS.md section with --write.
+(tree, command); CPU time is the one to read on a loaded machine. Also lists which heavy
+packages importing `persona_cli.cli` loads in each tree. Writes the BENCHMARKS.md section
+with --write.
 """
 
 from __future__ import annotations

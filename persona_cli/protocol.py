@@ -7,11 +7,12 @@ Every command passes one `RunProtocol` to `RunDir.finish`, built only by the hel
 (`training_protocol`, `generation_protocol`, `judge_protocol`, ...; combine them with `|`). Its
 `fields` are guarded: each key is one of `GUARDED_FIELDS`, so a field a command records is guarded
 by construction (`OPTIONAL_FIELDS`, steering, ablation and the v_hack a projected RL update
-uses, are recorded only by runs that used them). Its `details` are recorded beside them and never compared (vLLM engine settings,
-completion counts, the OOM retry). `REQUIRED_FIELDS` lists per command the fields its manifest
-must yield; `RunDir.finish` refuses to write a manifest without them, so a command that stops
-recording one fails in every test that runs it. The manifest holds the fields at the top of
-`protocol` and the details under `protocol.details` (manifest schema 2).
+uses, are recorded only by runs that used them). Its `details` are recorded beside them and
+never compared (vLLM engine settings, completion counts, the OOM retry). `REQUIRED_FIELDS`
+lists per command the fields its manifest must yield; `RunDir.finish` refuses to write a
+manifest without them, so a command that stops recording one fails in every test that runs it.
+The manifest holds the fields at the top of `protocol` and the details under `protocol.details`
+(manifest schema 2).
 
 `recorded_fields(manifest)` is the one place a manifest's fields are read: schema 2 directly,
 schema 1 (the first release: sampling settings nested under `protocol.generation`, guarded and
