@@ -118,3 +118,36 @@ def test_a_logged_run_shows_progress_lines(work: dict[str, Path], family: str) -
         done, total, _ = lines[-1]
         assert done == total and total > 0, lines  # the last line says the task finished
         assert [d for d, _, _ in lines] == sorted(d for d, _, _ in lines)  # never backwards
+
+
+def test_threads_advancing_one_task_lose_no_count_and_never_go_backwards(monkeypatch) -> None:
+    """The graders of `probe teacher-pool` advance from sandbox threads: 8 threads x 250
+    advances end at 2000/2000, and the printed counts only grow (a 2/2 line followed by 1/2 was
+    seen in CI before the display took a lock)."""
+    import io
+    import threading
+
+    from rich.console import Console
+
+    from persona_cli.cli import console
+
+    buffer = io.StringIO()
+    monkeypatch.setattr(console, "err_console", Console(file=buffer, force_terminal=False))
+    monkeypatch.setenv("PERSONA_CLI_PROGRESS_EVERY", "0")
+    display = console.ProgressDisplay("probe teacher-pool")
+    display.begin("graded", total=2000, unit="completions")
+    start = threading.Barrier(8)
+
+    def grade() -> None:
+        start.wait()
+        for _ in range(250):
+            display.advance("graded", 1)
+
+    threads = [threading.Thread(target=grade) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    lines = _progress(buffer.getvalue())["probe teacher-pool graded"]
+    done = [d for d, _, _ in lines]
+    assert done == sorted(done) and done[-1] == 2000 and len(done) == 2000
